@@ -1,0 +1,80 @@
+"""Shared fixtures: a small shapes world and a tiny CLIP trained on it, built once and cached.
+
+The trained model is cached under ``.erasure/test-cache`` (keyed by the recipe) so that a second
+test session, or a helper running a single test file, does not train again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+
+import torch  # noqa: E402
+
+from unlearning.data import load_images, read_manifest  # noqa: E402
+from unlearning.models import load_model, save_model  # noqa: E402
+from unlearning.train import TrainConfig, train_clip  # noqa: E402
+from unlearning.world import WorldSpec, generate_world  # noqa: E402
+
+pytest_plugins = ["services"]
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("ERASURE_TEST_CACHE", REPO / ".erasure" / "test-cache"))
+
+SMALL_WORLD = WorldSpec(n_train=8000, val_per_subgroup=4, test_per_subgroup=8, seed=7)
+SMALL_TRAIN = TrainConfig(steps=400, batch_size=128, lr=2e-3, warmup_steps=40, seed=0)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _key(*parts) -> str:
+    return hashlib.sha1(json.dumps([p.model_dump() if hasattr(p, "model_dump") else str(p) for p in parts]).encode()).hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def small_world() -> Path:
+    """Manifest path of a small shapes world (8k train, 192 val, 384 test images)."""
+    return generate_world(CACHE / f"world-{_key(SMALL_WORLD)}", SMALL_WORLD, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_records(small_world):
+    """``{split: [Record]}`` of the small world."""
+    records = read_manifest(small_world)
+    return {split: [r for r in records if r.split == split] for split in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(small_world, small_records) -> Path:
+    """Folder of a TinyCLIP-RN32 trained briefly on the small world (cached across sessions)."""
+    folder = CACHE / f"model-{_key(SMALL_WORLD, SMALL_TRAIN)}"
+    if not (folder / "open_clip_model.safetensors").exists():
+        bundle = load_model("TinyCLIP-RN32", device="cpu")
+        train = small_records["train"]
+        train_clip(bundle.model, bundle.tokenizer, load_images(train, 32), [r.caption for r in train], SMALL_TRAIN, progress=False)
+        tmp = folder.with_name(folder.name + ".tmp")
+        save_model(bundle, tmp)
+        tmp.replace(folder) if not folder.exists() else None
+    return folder
+
+
+@pytest.fixture
+def trained_bundle(trained_model_dir):
+    """A fresh copy of the trained tiny CLIP, safe to modify."""
+    return load_model(f"local-dir:{trained_model_dir}", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def test_images(small_records):
+    return load_images(small_records["test"], 32)

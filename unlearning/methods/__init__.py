@@ -1,0 +1,14 @@
+"""Unlearning methods, found by name: ``get_method("cliperase")``. Importing this package registers them."""
+
+from unlearning.methods.base import (  # noqa: F401
+    METHODS,
+    ForgetTarget,
+    LabelledImages,
+    Method,
+    MethodConfig,
+    MethodResult,
+    UnlearningData,
+    get_method,
+    register,
+    run_method,
+)

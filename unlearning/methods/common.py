@@ -1,0 +1,77 @@
+"""Pieces the methods share: differentiable zero-shot logits, the CLIP loss, batches, and the
+forget/retain accuracy checks used by stopping rules."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from unlearning.methods.base import LabelledImages
+from unlearning.metrics import encode_images, prepare_images, zero_shot_classifier
+
+
+def class_text_features(model: torch.nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """Normalised class embeddings ``C x D`` *with* gradients (template-averaged)."""
+    device = next(model.parameters()).device
+    texts = [t.format(c) for c in classnames for t in templates]
+    feats = F.normalize(model.encode_text(tokenizer(texts).to(device)), dim=-1)
+    return F.normalize(feats.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+
+
+def image_features(model: torch.nn.Module, images: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+    """Image embeddings *with* gradients (uint8 in, normalised float features out)."""
+    feats = model.encode_image(prepare_images(model, images))
+    return F.normalize(feats, dim=-1) if normalized else feats
+
+
+def zero_shot_logits(model: torch.nn.Module, images: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
+    """``logit_scale * cos`` of each image against each class, differentiable in both towers."""
+    scale = model.logit_scale.exp().clamp(max=100)
+    return scale * image_features(model, images) @ class_features.T
+
+
+_clip_loss = ClipLoss()
+
+
+def clip_contrastive_loss(model: torch.nn.Module, tokenizer, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch (open_clip's ClipLoss); texts are tokenised here."""
+    device = next(model.parameters()).device
+    img, txt, scale = model(prepare_images(model, images), tokenizer(list(texts)).to(device))
+    return _clip_loss(img, txt, scale.clamp(max=100))
+
+
+def in_batch_log_probs(model: torch.nn.Module, tokenizer, images: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-softmax of the in-batch similarity matrix, image->text and text->image."""
+    device = next(model.parameters()).device
+    img, txt, scale = model(prepare_images(model, images), tokenizer(list(texts)).to(device))
+    logits = scale.clamp(max=100) * img @ txt.T
+    return logits.log_softmax(dim=1), logits.T.log_softmax(dim=1)
+
+
+def sample_batch(data: LabelledImages, batch_size: int, generator: torch.Generator) -> LabelledImages:
+    """A random batch (with replacement when the set is smaller than the batch)."""
+    n = len(data)
+    if n <= batch_size:
+        index = torch.randperm(n, generator=generator)
+    else:
+        index = torch.randint(n, (batch_size,), generator=generator)
+    return data.subset(index)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, tokenizer, data: LabelledImages, classnames: Sequence[str], templates: Sequence[str]) -> float:
+    """Zero-shot accuracy of ``data`` (labels index ``classnames``); NaN when empty."""
+    keep = data.labels >= 0
+    if not bool(keep.any()):
+        return float("nan")
+    classifier = zero_shot_classifier(model, tokenizer, classnames, templates)
+    feats = encode_images(model, data.images[keep])
+    predictions = (feats @ classifier.to(feats.device)).argmax(dim=-1).cpu()
+    return float((predictions == data.labels[keep]).float().mean())
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
