@@ -1,0 +1,255 @@
+"""`erasure`: the command line over the flows.
+
+    erasure demo                      bootstrap if needed, erase one shape end to end, print the table
+    erasure run REQUEST.json [--report OUT.json]
+    erasure status [REQUEST_ID]
+    erasure rollback --to VERSION [--reason TEXT]
+    erasure guard
+    erasure bootstrap [--force]
+    erasure schema                    the request's JSON Schema
+    erasure bench [--out DIR]         every method on the embedded champion
+
+Exit codes: 0 promoted (or a dry run whose gates passed), 2 rejected by the gates, 1 bad input or failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tasks.settings import quiet_telemetry
+
+quiet_telemetry()  # before prefect/mlflow are imported anywhere
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _settings():
+    from tasks.settings import get_settings
+
+    return get_settings()
+
+
+def _ui_hint(settings) -> str:
+    return f"mlflow ui --backend-store-uri {settings.tracking_uri} --host 127.0.0.1 --port 5000   (then open {settings.mlflow_ui_url})"
+
+
+def print_table(report: dict, per_class_before: dict | None = None, per_class_after: dict | None = None) -> None:
+    from rich.table import Table
+
+    console = _console()
+    if per_class_before:
+        table = Table(title="zero-shot accuracy per class (test split)")
+        table.add_column("class")
+        table.add_column("before", justify="right")
+        if per_class_after is not None:
+            table.add_column("after", justify="right")
+        for name in sorted(per_class_before):
+            row = [name, f"{100 * per_class_before[name]:.1f} %"]
+            if per_class_after is not None:
+                row.append(f"{100 * per_class_after.get(name, float('nan')):.1f} %")
+            table.add_row(*row)
+        console.print(table)
+    if report.get("before") is not None and report.get("after") is not None:
+        table = Table(title=f"erasure {report['request_id']} ({report.get('method')}): {report.get('status')}")
+        for column in ("metric", "before", "after", "change"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for key in sorted(set(report["before"]) | set(report["after"])):
+            b, a = report["before"].get(key), report["after"].get(key)
+            table.add_row(key, "" if b is None else f"{100 * b:.2f} %", "" if a is None else f"{100 * a:.2f} %",
+                          "" if a is None or b is None else f"{100 * (a - b):+.2f} pt")
+        console.print(table)
+        gates = Table(title="gates")
+        for column in ("gate", "value", "threshold", "result"):
+            gates.add_column(column)
+        for g in report.get("gates", []):
+            gates.add_row(g["name"], f"{g['value']:.4f}", f"{g['comparison']} {g['threshold']:.4f}", "pass" if g["passed"] else "[red]FAIL[/red]")
+        console.print(gates)
+
+
+def cmd_schema(args) -> int:
+    from tasks.request import request_json_schema
+
+    print(json.dumps(request_json_schema(), indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from flows.erasure import erasure_flow
+    from tasks.request import load_request
+
+    request = load_request(Path(args.request).read_text() if Path(args.request).is_file() else _missing(args.request))
+    report = erasure_flow(request)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2, default=str))
+    print_table(report)
+    status = report.get("status")
+    if status == "promoted" or (status == "dry_run" and report.get("gates_passed")):
+        _console().print(f"[green]{status}[/green]: {report['request_id']} → model version {report.get('model_version')}")
+        return 0
+    if report.get("idempotent"):
+        _console().print(f"request {report['request_id']} was already handled: {status} {report.get('reason') or ''}")
+        return 0 if status == "promoted" else 2
+    reason = ", ".join(g["name"] for g in report.get("gates", []) if not g["passed"])
+    _console().print(f"[red]{status}[/red]: {report['request_id']} — failed gates: {reason}; champion unchanged")
+    return 2
+
+
+def _missing(path: str) -> str:
+    raise FileNotFoundError(f"request file {path} does not exist: pass the path of an erasure request JSON (see `erasure schema`)")
+
+
+def cmd_status(args) -> int:
+    from mlflow import MlflowClient
+    from rich.table import Table
+
+    from tasks import ledger
+    from tasks.registry import configure_mlflow
+
+    settings = _settings()
+    configure_mlflow(settings)
+    client = MlflowClient()
+    if args.request_id:
+        entry = ledger.find(client, settings.experiment, args.request_id)
+        if entry is None:
+            print(f"no request {args.request_id!r} in the ledger", file=sys.stderr)
+            return 1
+        print(json.dumps(entry.__dict__, indent=2))
+        return 0
+    table = Table(title=f"erasure ledger ({settings.experiment})")
+    for column in ("request", "status", "model version", "updated", "reason"):
+        table.add_column(column)
+    for e in ledger.entries(client, settings.experiment):
+        table.add_row(e.request_id, e.status, e.model_version or "", e.updated, e.reason[:80])
+    _console().print(table)
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from prefect import flow
+
+    from tasks.champion import rollback_champion
+    from tasks.registry import configure_mlflow
+
+    settings = _settings()
+    configure_mlflow(settings)
+
+    @flow(name="manual-rollback")
+    def manual_rollback() -> dict:
+        return rollback_champion(settings, settings.model_name, args.to, args.reason)
+
+    result = manual_rollback()
+    _console().print(f"champion of {settings.model_name} is now v{result['champion']} (was v{result['rolled_back']}); "
+                     f"requests back to pending: {result['reopened_requests'] or 'none'}")
+    return 0
+
+
+def cmd_guard(args) -> int:
+    from flows.guard import guard_flow
+
+    verdict = guard_flow()
+    if verdict["passed"]:
+        _console().print(f"[green]guard passed[/green]: champion v{verdict['champion']}")
+        return 0
+    _console().print(f"[red]guard failed[/red]: {'; '.join(verdict['failures'])} → champion rolled back to v{verdict['rollback']['champion']}")
+    return 2
+
+
+def cmd_bootstrap(args) -> int:
+    from flows.bootstrap import bootstrap_flow
+
+    result = bootstrap_flow(force=args.force)
+    print(json.dumps({k: v for k, v in result.items() if k != "per_class"}, indent=2, default=str))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Bootstrap if needed, then erase one shape class end to end and print before/after."""
+    from flows.bootstrap import bootstrap_flow
+    from flows.erasure import erasure_flow
+    from tasks import registry
+    from tasks.champion import carried
+    from tasks.registry import configure_mlflow
+    from unlearning.world import SHAPES
+
+    settings = _settings()
+    configure_mlflow(settings)
+    boot = bootstrap_flow()
+    champion = registry.get_version_by_alias(settings.model_name, "champion")
+    erased = {t.name for t in carried(champion.tags)[0]}
+    shape = args.target or next((s for s in SHAPES if s not in erased), None)
+    if shape is None:
+        _console().print("every shape is already erased from the champion: nothing left to demo (run `make clean` to start over)")
+        return 0
+    request = {"request_id": f"demo-{shape}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}", "requester": "demo@clip-erasure",
+               "target": {"kind": "class", "class_name": shape}, "method": args.method}
+    report = erasure_flow(request)
+    print_table(report, report.get("per_class_before"), report.get("per_class_after"))
+    _console().print(f"bootstrap: {'reused champion v' + boot['version'] if boot.get('skipped') else 'trained v' + boot['version']}")
+    _console().print(f"erasure of '{shape}': [bold]{report['status']}[/bold] (model version {report.get('model_version')}, "
+                     f"method {report['method']}); forget {100 * report['after'].get('forget_accuracy', float('nan')):.1f} %, "
+                     f"retain {100 * report['before'].get('retain_accuracy', float('nan')):.1f} → {100 * report['after'].get('retain_accuracy', float('nan')):.1f} %")
+    _console().print(f"Review it in the MLflow UI:  {_ui_hint(settings)}")
+    return 0 if report["status"] == "promoted" else 2
+
+
+def cmd_bench(args) -> int:
+    from unlearning.bench import main as bench_main
+
+    return bench_main(["--out", args.out, *(["--quick"] if args.quick else [])])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="erasure", description="Make CLIP models forget, prove it, never promote a model that forgot too much.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("schema", help="print the erasure request JSON Schema").set_defaults(fn=cmd_schema)
+    run = sub.add_parser("run", help="carry out one erasure request")
+    run.add_argument("request", help="path of the request JSON")
+    run.add_argument("--report", help="write the report JSON here")
+    run.set_defaults(fn=cmd_run)
+    status = sub.add_parser("status", help="the ledger: every request's state")
+    status.add_argument("request_id", nargs="?")
+    status.set_defaults(fn=cmd_status)
+    rollback = sub.add_parser("rollback", help="move champion back to an earlier version")
+    rollback.add_argument("--to", help="version to restore (default: the 'previous' alias)")
+    rollback.add_argument("--reason", default="manual rollback")
+    rollback.set_defaults(fn=cmd_rollback)
+    sub.add_parser("guard", help="re-check the champion; roll back automatically when it fails").set_defaults(fn=cmd_guard)
+    boot = sub.add_parser("bootstrap", help="train and register the embedded tiny CLIP")
+    boot.add_argument("--force", action="store_true")
+    boot.set_defaults(fn=cmd_bootstrap)
+    demo = sub.add_parser("demo", help="bootstrap if needed and erase one shape end to end")
+    demo.add_argument("--target", help="shape to erase (default: the first one not erased yet)")
+    demo.add_argument("--method", default="auto")
+    demo.set_defaults(fn=cmd_demo)
+    bench = sub.add_parser("bench", help="benchmark every method on the embedded champion")
+    bench.add_argument("--out", default="docs/bench")
+    bench.add_argument("--quick", action="store_true")
+    bench.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line for users; the traceback on demand
+        if os.environ.get("ERASURE_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"erasure {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The guard flow: re-check the current champion and roll it back automatically when it fails.
+
+The check covers every forget target the champion carries (earlier erasures included) and the
+retain/regression suite: retain accuracy must stay at or above ``min_retain_accuracy`` and every
+carried target must stay forgotten (``max_forget_accuracy``).
+"""
+
+from __future__ import annotations
+
+import mlflow
+from prefect import flow, get_run_logger
+
+from tasks.champion import load_champion, rollback_champion
+from tasks.data import reference_eval_set
+from tasks.registry import configure_mlflow
+from tasks.settings import ErasureSettings, get_settings
+from tasks.unlearn import evaluate_model
+
+
+@flow(name="guard", log_prints=True)
+def guard_flow(model_name: str | None = None, settings: ErasureSettings | None = None) -> dict:
+    """Evaluate the champion; on failure move ``champion`` back to ``previous``. Returns the verdict."""
+    settings = settings or get_settings()
+    configure_mlflow(settings)
+    logger = get_run_logger()
+    name = model_name or settings.model_name
+    champion = load_champion(settings, name)
+    eval_set = reference_eval_set(settings, champion.bundle.image_size)
+    with mlflow.start_run(run_name=f"guard-v{champion.version}", tags={"erasure.kind": "guard", "erasure.model_version": champion.version}):
+        evaluation = evaluate_model(champion.bundle, eval_set, champion.targets)
+        metrics = evaluation.metrics
+        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})
+        failures = []
+        if metrics.get("retain_accuracy", 0.0) < settings.min_retain_accuracy:
+            failures.append(f"retain accuracy {metrics.get('retain_accuracy', float('nan')):.4f} < {settings.min_retain_accuracy}")
+        if champion.targets and metrics.get("forget_accuracy", 1.0) > settings.max_forget_accuracy:
+            failures.append(f"forget accuracy {metrics['forget_accuracy']:.4f} > {settings.max_forget_accuracy}")
+        verdict = {"model": name, "champion": champion.version, "passed": not failures, "failures": failures, "metrics": metrics}
+        mlflow.set_tags({"erasure.guard_passed": str(not failures).lower(), "erasure.guard_failures": "; ".join(failures)})
+        if failures:
+            verdict["rollback"] = rollback_champion(settings, name, None, "guard: " + "; ".join(failures))
+        else:
+            logger.info("champion %s v%s passes the guard: retain %.2f %%", name, champion.version, 100 * metrics.get("retain_accuracy", 0))
+    return verdict

@@ -1,0 +1,139 @@
+"""Prefect tasks around the registered model: load the champion, register a candidate, promote it
+inside a transaction, roll back. Registry calls themselves live in :mod:`tasks.registry`.
+
+Every version carries, as tags, the cumulative list of forget targets and request ids it embodies
+(``erasure.targets`` / ``erasure.request_ids``), so any check of a champion can include every
+earlier erasure, and a rollback knows which requests it un-does.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+from prefect.transactions import get_transaction
+
+from tasks import registry
+from tasks.settings import ErasureSettings
+from unlearning.methods.base import ForgetTarget
+from unlearning.models import ClipBundle, load_model
+
+TARGETS, REQUEST_IDS, PARENT = "erasure.targets", "erasure.request_ids", "erasure.parent_version"
+
+
+@dataclass
+class Champion:
+    """The model an erasure starts from, with what it already carries."""
+
+    name: str
+    version: str
+    folder: Path
+    bundle: ClipBundle
+    targets: list[ForgetTarget] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+
+
+def carried(version_tags: dict) -> tuple[list[ForgetTarget], list[str]]:
+    """Forget targets and request ids a model version embodies, from its tags."""
+    targets = [ForgetTarget.model_validate(t) for t in json.loads(version_tags.get(TARGETS, "[]"))]
+    return targets, json.loads(version_tags.get(REQUEST_IDS, "[]"))
+
+
+def lineage_tags(targets: list[ForgetTarget], request_ids: list[str], parent: str | None) -> dict[str, str]:
+    tags = {TARGETS: json.dumps([t.model_dump(exclude_defaults=True) for t in targets]), REQUEST_IDS: json.dumps(request_ids)}
+    if parent:
+        tags[PARENT] = str(parent)
+    return tags
+
+
+@task(name="load-champion", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def load_champion(settings: ErasureSettings, model_name: str | None = None, alias: str = "champion", device: str | None = None) -> Champion:
+    """Download the version behind ``alias`` and load it (the frozen reference of this erasure)."""
+    name = model_name or settings.model_name
+    version = registry.get_version_by_alias(name, alias)
+    if version is None:
+        raise LookupError(f"registered model {name!r} has no {alias!r} alias: run `erasure demo` (bootstraps the embedded "
+                          f"champion) or register your model and set its alias")
+    folder = registry.download_version(name, version.version, Path(tempfile.mkdtemp(prefix=f"{name}-v{version.version}-")))
+    targets, request_ids = carried(version.tags)
+    bundle = load_model(f"local-dir:{folder}", device=device or settings.device)
+    get_run_logger().info("champion %s v%s carries %d earlier erasure(s)", name, version.version, len(targets))
+    return Champion(name, str(version.version), folder, bundle, targets, request_ids)
+
+
+@task(name="register-candidate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def register_candidate(settings: ErasureSettings, folder: Path, name: str, tags: dict[str, str], run_id: str | None) -> str:
+    """Register ``folder`` as a new version of ``name`` (not promoted). Returns the version."""
+    version = registry.register_model_folder(folder, settings, tags=tags, run_id=run_id, model_name=name)
+    return str(version.version)
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote(name: str, version: str) -> str | None:
+    """Move ``champion`` to ``version`` and ``previous`` to the old champion. Returns the old one."""
+    _, old = registry.promote(name, version)
+    transaction = get_transaction()
+    if transaction is not None:
+        transaction.set("previous_champion", old)
+        transaction.set("model_name", name)
+    registry.tag_version(name, version, status="champion")
+    return old
+
+
+@promote.on_rollback
+def _restore_champion(transaction) -> None:
+    """Undo a promotion when anything after it in the transaction fails."""
+    name, old = transaction.get("model_name"), transaction.get("previous_champion")
+    if old:
+        registry.set_alias(name, "champion", old)
+    emit_event("clip-erasure.promotion.undone", resource={"prefect.resource.id": f"clip-erasure.model.{name}"},
+               payload={"restored_champion": old})
+
+
+@task(name="tag-version", retries=2, cache_policy=NO_CACHE)
+def tag_version(name: str, version: str, **tags: str) -> None:
+    registry.tag_version(name, version, **tags)
+
+
+@task(name="rollback-champion", retries=1, cache_policy=NO_CACHE)
+def rollback_champion(settings: ErasureSettings, name: str, to_version: str | None, reason: str) -> dict:
+    """Move ``champion`` back (to ``to_version``, default the ``previous`` alias) and record why.
+
+    Requests carried by the version rolled back over but not by the restored one return to
+    ``pending`` in the ledger: a rollback never silently resurrects erased data.
+    """
+    from mlflow import MlflowClient
+
+    from tasks import ledger
+
+    current = registry.get_version_by_alias(name, "champion")
+    if current is None:
+        raise LookupError(f"registered model {name!r} has no champion to roll back")
+    if to_version is None:
+        previous = registry.get_version_by_alias(name, "previous")
+        if previous is None:
+            raise LookupError(f"{name!r} has no 'previous' alias: name a version with --to")
+        to_version = str(previous.version)
+    restored = registry.get_version(name, to_version)
+    if str(restored.version) == str(current.version):
+        raise ValueError(f"version {to_version} is already the champion of {name!r}")
+    registry.rollback_to(name, str(restored.version), reason)
+    _, current_requests = carried(current.tags)
+    _, restored_requests = carried(restored.tags)
+    reopened = [r for r in current_requests if r not in restored_requests]
+    client = MlflowClient()
+    for request_id in reopened:
+        entry = ledger.find(client, settings.experiment, request_id)
+        if entry is not None:
+            ledger.set_status(client, entry.run_id, "pending",
+                              reason=f"model v{current.version} rolled back to v{restored.version}: {reason}")
+    event = {"rolled_back": str(current.version), "champion": str(restored.version), "reason": reason, "reopened_requests": reopened}
+    emit_event("clip-erasure.champion.rolled-back", resource={"prefect.resource.id": f"clip-erasure.model.{name}"}, payload=event)
+    get_run_logger().warning("rolled %s back from v%s to v%s (%s); requests back to pending: %s", name, current.version,
+                             restored.version, reason, reopened or "none")
+    return event

@@ -1,0 +1,127 @@
+"""What people would rather see than read: plots, image grids, the gate table and certificates."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots go to files and MLflow, never to a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def image_grid(images: torch.Tensor, columns: int = 8, scale: int = 3) -> Image.Image:
+    """uint8 ``N x 3 x H x W`` images tiled into one PIL image, upscaled for viewing."""
+    n = len(images)
+    if n == 0:
+        return Image.new("RGB", (8, 8))
+    columns = min(columns, n)
+    rows = math.ceil(n / columns)
+    _, _, h, w = images.shape
+    grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
+        r, c = divmod(i, columns)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = image
+    picture = Image.fromarray(grid)
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def per_class_plot(before: dict[str, float], after: dict[str, float], forgotten: Sequence[str], title: str):
+    """Grouped bars of per-class zero-shot accuracy before and after; forgotten classes in red."""
+    names = sorted(set(before) | set(after))
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.8), 3.6))
+    ax.bar(x - 0.2, [100 * before.get(n, float("nan")) for n in names], 0.4, label="before", color="#9aa5b1")
+    ax.bar(x + 0.2, [100 * after.get(n, float("nan")) for n in names], 0.4, label="after", color="#2b6cb0")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    for tick, name in zip(ax.get_xticklabels(), names):
+        if name in forgotten:
+            tick.set_color("#c53030")
+            tick.set_fontweight("bold")
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_plot(confusion: torch.Tensor, classnames: Sequence[str], title: str):
+    """Row-normalised confusion matrix (true class by row)."""
+    matrix = confusion.float()
+    matrix = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
+    size = max(4, 0.45 * len(classnames) + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classnames)), classnames, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classnames)), classnames, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def history_plot(history: Sequence[dict], keys: Sequence[str], title: str):
+    """Per-step curves of the numeric ``keys`` found in a method's history."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for key in keys:
+        points = [(row.get("step", i), row[key]) for i, row in enumerate(history) if isinstance(row.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points), label=key)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def gate_markdown(gates: Sequence[dict]) -> str:
+    rows = ["| gate | value | threshold | result |", "|---|---|---|---|"]
+    for g in gates:
+        rows.append(f"| {g['name']} | {g['value']:.4f} | {g['comparison']} {g['threshold']:.4f} | {'pass' if g['passed'] else '**FAIL**'} |")
+    return "\n".join(rows)
+
+
+def metrics_markdown(before: dict[str, float], after: dict[str, float]) -> str:
+    rows = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for key in sorted(set(before) | set(after)):
+        b, a = before.get(key), after.get(key)
+        change = f"{100 * (a - b):+.2f} pt" if a is not None and b is not None else ""
+        fmt = lambda v: "" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+        rows.append(f"| {key} | {fmt(b)} | {fmt(a)} | {change} |")
+    return "\n".join(rows)
+
+
+def write_certificate(folder: Path, certificate: dict) -> tuple[Path, Path]:
+    """The erasure certificate as JSON and markdown: what was forgotten, where, with what evidence."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / "certificate.json"
+    json_path.write_text(json.dumps(certificate, indent=2, default=str))
+    lines = [
+        f"# Erasure certificate — request `{certificate['request_id']}`",
+        "",
+        f"- Requested by: {certificate['requester']} at {certificate['requested_at']}",
+        f"- Target: {certificate['target']}",
+        f"- Method: {certificate['method']}",
+        f"- Model: `{certificate['model_name']}` version {certificate['model_version']} (parent {certificate['parent_version']})",
+        f"- Decision: **{certificate['decision']}**",
+        f"- Forget targets carried by this version: {', '.join(certificate['carried_targets'])}",
+        "",
+        "## Evidence",
+        "",
+        metrics_markdown(certificate["before"], certificate["after"]),
+        "",
+        "## Gates",
+        "",
+        gate_markdown(certificate["gates"]),
+    ]
+    md_path = folder / "certificate.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path

@@ -1,0 +1,119 @@
+"""Prefect tasks that run the library: evaluate a model, run one method attempt, decide the gates.
+
+Each method attempt is a nested MLflow run under the request's run, with the method's config as
+params, its per-step history as metric curves, and its plots and synthetic images as artifacts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import mlflow
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.report import confusion_plot, history_plot, image_grid
+from unlearning.evaluation import EvalSet, Evaluation, Gate, check_gates, evaluate
+from unlearning.methods import get_method, run_method
+from unlearning.methods.base import ForgetTarget, UnlearningData
+from unlearning.models import ClipBundle
+
+# `auto`: first choice by target kind, escalating to the next when the gates fail.
+AUTO_PLAN = {
+    "class": ("cliperase", "three_stage", "lipschitz"),
+    "subgroup": ("three_stage", "cliperase"),
+    "association": ("cliperase", "graddiff"),
+}
+
+
+def plan_methods(method: str, target: ForgetTarget, data: UnlearningData) -> list[str]:
+    """The methods to try, in order. Methods whose data needs are unmet are skipped for ``auto``."""
+    if method != "auto":
+        return [method]
+    plan = []
+    for name in AUTO_PLAN[target.kind]:
+        spec = get_method(name)
+        if (spec.needs_forget_data and not data.forget) or (spec.needs_retain_data and not data.retain):
+            continue
+        plan.append(name)
+    return plan or ["lipschitz"]  # no real data at all: the zero-shot (synthetic) method
+
+
+@dataclass
+class Attempt:
+    method: str
+    bundle: ClipBundle
+    after: Evaluation
+    gates: list[Gate]
+    seconds: float
+    summary: dict = field(default_factory=dict)
+    run_id: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(bundle: ClipBundle, eval_set: EvalSet, targets: list[ForgetTarget], members=None) -> Evaluation:
+    """Forget / retain / held-out / retrieval / MIA metrics, over every target the model must carry."""
+    return evaluate(bundle.model, bundle.tokenizer, eval_set, targets, members=members)
+
+
+def _log_history(history: list[dict]) -> None:
+    for i, row in enumerate(history):
+        step = int(row.get("step", i))
+        numeric = {k.replace("@", "_at_"): float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if numeric:
+            mlflow.log_metrics(numeric, step=step)
+
+
+@task(name="unlearn", cache_policy=NO_CACHE, timeout_seconds=3600)
+def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data: UnlearningData, eval_set: EvalSet,
+                   all_targets: list[ForgetTarget], before: Evaluation, thresholds: dict[str, float],
+                   config: dict | None = None, members=None) -> Attempt:
+    """Unlearn ``target`` from a copy of the champion with ``method``, evaluate, and check the gates.
+
+    Logs a nested MLflow run named after the method (call inside the request's active run).
+    """
+    logger = get_run_logger()
+    spec = get_method(method)
+    candidate = champion.copy()
+    original = champion.model  # frozen reference: the champion, which already carries earlier erasures
+    for p in original.parameters():
+        p.requires_grad_(False)
+    with mlflow.start_run(run_name=f"attempt-{method}", nested=True) as run:
+        config_model = spec.config_cls.model_validate(config or {})
+        mlflow.log_params({f"method.{k}": v for k, v in config_model.model_dump().items()})
+        mlflow.set_tags({"erasure.kind": "attempt", "erasure.method": method, "erasure.paper": spec.paper})
+        started = time.perf_counter()
+        last_log = [0.0]
+
+        def progress(row: dict) -> None:
+            if time.perf_counter() - last_log[0] > 5:
+                last_log[0] = time.perf_counter()
+                logger.info("%s step %s: %s", method, row.get("step"), {k: v for k, v in row.items() if isinstance(v, float)})
+
+        result = run_method(method, candidate.model, candidate.tokenizer, target, data, config_model, original=original, progress=progress)
+        seconds = time.perf_counter() - started
+        candidate.model = result.model
+        after = evaluate(candidate.model, candidate.tokenizer, eval_set, all_targets, members=members)
+        gates = check_gates(before.metrics, after.metrics, **thresholds)
+        _log_history(result.history)
+        mlflow.log_metrics({f"after.{k.replace('@', '_at_')}": v for k, v in after.metrics.items()})
+        mlflow.log_metric("unlearn_seconds", seconds)
+        mlflow.log_dict({"summary": result.summary, "gates": [g.as_dict() for g in gates]}, "attempt.json")
+        keys = [k for k in ("loss", "forget_accuracy", "retain_accuracy", "synthetic_forget_acc") if any(k in r for r in result.history)]
+        if keys:
+            mlflow.log_figure(history_plot(result.history, keys, f"{method}: per-step curves"), "plots/history.png")
+        class_result = after.confusions["class"]
+        mlflow.log_figure(confusion_plot(class_result.confusion, class_result.classnames, f"after {method}"), "plots/confusion_after.png")
+        synthetic = result.artifacts.get("synthetic_images")
+        if isinstance(synthetic, torch.Tensor) and len(synthetic):
+            mlflow.log_image(image_grid(synthetic[:64]), "synthetic_forget_set.png")
+        mlflow.set_tag("erasure.gates_passed", str(all(g.passed for g in gates)).lower())
+        logger.info("%s: forget %.2f %% retain %.2f %% in %.1f s — gates %s", method, 100 * after.metrics.get("forget_accuracy", float("nan")),
+                    100 * after.metrics.get("retain_accuracy", float("nan")), seconds, "pass" if all(g.passed for g in gates) else "FAIL")
+        return Attempt(method, candidate, after, gates, seconds, result.summary, run.info.run_id)
