@@ -45,7 +45,7 @@ def bootstrap_champion(settings: ErasureSettings, spec: WorldSpec, config: Train
         mlflow.log_figure(history_plot(result.history, ["loss"], "bootstrap training loss"), "plots/training_loss.png")
         folder = save_model(result.bundle, Path(tempfile.mkdtemp(prefix="bootstrap-")))
         tags = {**lineage_tags([], [], None), "status": "champion", "erasure.method": "bootstrap", "erasure.world_seed": str(spec.seed)}
-        version = registry.register_model_folder(folder, settings, tags=tags, run_id=run.info.run_id, model_name=settings.model_name)
+        version = registry.register_model_folder(folder, settings, tags=tags, run_id=run.info.run_id)
         registry.set_alias(settings.model_name, "champion", str(version.version))
         logger.info("bootstrapped %s v%s: shape %.1f %%, colour %.1f %%", settings.model_name, version.version,
                     100 * shape_accuracy, 100 * metrics.get("heldout/colour", float("nan")))

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
@@ -69,30 +70,46 @@ def load_champion(settings: ErasureSettings, model_name: str | None = None, alia
 @task(name="register-candidate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def register_candidate(settings: ErasureSettings, folder: Path, name: str, tags: dict[str, str], run_id: str | None) -> str:
     """Register ``folder`` as a new version of ``name`` (not promoted). Returns the version."""
-    version = registry.register_model_folder(folder, settings, tags=tags, run_id=run_id, model_name=name)
+    version = registry.register_model_folder(folder, settings.model_copy(update={"model_name": name}), tags=tags, run_id=run_id)
     return str(version.version)
+
+
+def _alias_version(name: str, alias: str) -> str | None:
+    found = registry.get_version_by_alias(name, alias)
+    return None if found is None else str(found.version)
+
+
+def _point_alias(name: str, alias: str, version: str | None) -> None:
+    if version:
+        registry.set_alias(name, alias, version)
+    elif _alias_version(name, alias) is not None:
+        MlflowClient().delete_registered_model_alias(name, alias)
 
 
 @task(name="promote", cache_policy=NO_CACHE)
 def promote(name: str, version: str) -> str | None:
-    """Move ``champion`` to ``version`` and ``previous`` to the old champion. Returns the old one."""
-    _, old = registry.promote(name, version)
+    """Move ``champion`` to ``version`` and ``previous`` to the old champion. Returns the old one.
+
+    Inside a Prefect transaction, the aliases as they were are staged so that a failure later in
+    the transaction puts them back (see :func:`_restore_aliases`).
+    """
     transaction = get_transaction()
     if transaction is not None:
-        transaction.set("previous_champion", old)
         transaction.set("model_name", name)
+        transaction.set("aliases_before", {a: _alias_version(name, a) for a in ("champion", "previous")})
+    _, old = registry.promote(name, version)
     registry.tag_version(name, version, status="champion")
-    return old
+    return None if old is None else str(old.version)
 
 
 @promote.on_rollback
-def _restore_champion(transaction) -> None:
+def _restore_aliases(transaction) -> None:
     """Undo a promotion when anything after it in the transaction fails."""
-    name, old = transaction.get("model_name"), transaction.get("previous_champion")
-    if old:
-        registry.set_alias(name, "champion", old)
+    name, before = transaction.get("model_name"), transaction.get("aliases_before")
+    for alias, version in before.items():
+        _point_alias(name, alias, version)
     emit_event("clip-erasure.promotion.undone", resource={"prefect.resource.id": f"clip-erasure.model.{name}"},
-               payload={"restored_champion": old})
+               payload={"restored_aliases": before})
 
 
 @task(name="tag-version", retries=2, cache_policy=NO_CACHE)
@@ -107,8 +124,6 @@ def rollback_champion(settings: ErasureSettings, name: str, to_version: str | No
     Requests carried by the version rolled back over but not by the restored one return to
     ``pending`` in the ledger: a rollback never silently resurrects erased data.
     """
-    from mlflow import MlflowClient
-
     from tasks import ledger
 
     current = registry.get_version_by_alias(name, "champion")
@@ -119,14 +134,18 @@ def rollback_champion(settings: ErasureSettings, name: str, to_version: str | No
         if previous is None:
             raise LookupError(f"{name!r} has no 'previous' alias: name a version with --to")
         to_version = str(previous.version)
-    restored = registry.get_version(name, to_version)
+    restored = MlflowClient().get_model_version(name, str(to_version))
     if str(restored.version) == str(current.version):
         raise ValueError(f"version {to_version} is already the champion of {name!r}")
     registry.rollback_to(name, str(restored.version), reason)
+    # `previous` must never point at the version just rolled back over (a second rollback would
+    # resurrect it): it follows the restored champion's lineage instead.
+    _point_alias(name, "previous", restored.tags.get(PARENT))
     _, current_requests = carried(current.tags)
     _, restored_requests = carried(restored.tags)
     reopened = [r for r in current_requests if r not in restored_requests]
     client = MlflowClient()
+    registry.tag_version(name, str(current.version), reopened_requests=json.dumps(reopened))
     for request_id in reopened:
         entry = ledger.find(client, settings.experiment, request_id)
         if entry is not None:

@@ -1,0 +1,40 @@
+"""Serve the flows as Prefect deployments on one host: `python -m infra.deployments`.
+
+- `erasure/on-request`: runs when a `clip-erasure.request.received` event arrives (emitted by the
+  inbox watcher or any system that files a request); the event payload is the request.
+- `guard/hourly`: re-checks the champion every hour and rolls back automatically.
+
+Needs a running Prefect server (`prefect server start`, then PREFECT_API_URL): schedules and event
+triggers are not evaluated in Prefect's ephemeral mode. For a GPU host, deploy the same flows to a
+process work pool there instead (see infra/prefect.yaml).
+"""
+
+from __future__ import annotations
+
+from prefect import serve
+from prefect.events import DeploymentEventTrigger
+from prefect.schedules import Cron
+
+from flows.erasure import erasure_flow
+from flows.guard import guard_flow
+
+REQUEST_EVENT = "clip-erasure.request.received"
+
+
+def deployments():
+    on_request = erasure_flow.to_deployment(
+        name="on-request",
+        triggers=[DeploymentEventTrigger(
+            expect={REQUEST_EVENT},
+            match={"prefect.resource.id": "clip-erasure.request.*"},
+            # A dict parameter must be rendered as JSON, not as a Jinja string.
+            parameters={"request": {"__prefect_kind": "json", "value": {"__prefect_kind": "jinja", "template": "{{ event.payload | tojson }}"}}},
+        )],
+        tags=["clip-erasure"],
+    )
+    hourly_guard = guard_flow.to_deployment(name="hourly", schedules=[Cron("0 * * * *", timezone="UTC")], tags=["clip-erasure"])
+    return [on_request, hourly_guard]
+
+
+if __name__ == "__main__":
+    serve(*deployments())

@@ -1,0 +1,125 @@
+"""The erasure, guard and bootstrap flows end to end: Prefect's test server, a temporary MLflow
+store, the small shapes world and the tiny CLIP trained on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.erasure import erasure_flow
+from flows.guard import guard_flow
+from tasks import ledger, registry
+from tasks.request import RequestError, load_request
+from tasks.settings import get_settings
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+# Lenient gates: the test model is small and trained for seconds, so it has less to keep.
+GATES = {"max_forget_accuracy": 0.10, "max_retain_drop": 0.10, "max_heldout_drop": 0.10}
+FAST = {"max_steps": 40}
+
+
+@pytest.fixture
+def store(mlflow_store, small_world, trained_model_dir, monkeypatch):
+    """A fresh MLflow store whose champion (v1) is the small trained CLIP, with the small world as reference data."""
+    monkeypatch.setenv("ERASURE_REFERENCE_MANIFEST", str(small_world))
+    get_settings.cache_clear()
+    settings = get_settings()
+    registry.configure_mlflow(settings)
+    version = registry.register_model_folder(trained_model_dir, settings, tags={"erasure.targets": "[]", "erasure.request_ids": "[]"})
+    registry.set_alias(settings.model_name, "champion", version.version)
+    yield settings
+    get_settings.cache_clear()
+
+
+def request(request_id: str, **overrides) -> dict:
+    body = {"request_id": request_id, "requester": "test@clip-erasure", "target": {"kind": "class", "class_name": "circle"},
+            "method": "cliperase", "gates": GATES, "method_config": FAST}
+    return {**body, **overrides}
+
+
+def aliases(settings) -> dict[str, str | None]:
+    found = {a: registry.get_version_by_alias(settings.model_name, a) for a in ("champion", "previous")}
+    return {a: (None if v is None else str(v.version)) for a, v in found.items()}
+
+
+def version_count(settings) -> int:
+    return len(registry.list_versions(settings.model_name))
+
+
+def test_happy_path_promotes_and_records_everything(store):
+    report = erasure_flow(request("req-happy"))
+    assert report["status"] == "promoted", report["gates"]
+    assert aliases(store) == {"champion": report["model_version"], "previous": "1"}
+    assert report["after"]["forget_accuracy"] <= GATES["max_forget_accuracy"]
+
+    version = MlflowClient().get_model_version(store.model_name, report["model_version"])
+    assert json.loads(version.tags["erasure.targets"]) == [{"kind": "class", "class_name": "circle"}]
+    assert json.loads(version.tags["erasure.request_ids"]) == ["req-happy"]
+    assert version.tags["erasure.parent_version"] == "1" and version.tags["erasure.method"] == "cliperase"
+
+    entry = ledger.find(MlflowClient(), store.experiment, "req-happy")
+    assert entry.status == "promoted" and entry.model_version == report["model_version"]
+    artifacts = {a.path for a in MlflowClient().list_artifacts(entry.run_id)}
+    assert {"certificate", "gates", "plots", "validation", "request.json"} <= artifacts
+    certificate = json.loads(open(MlflowClient().download_artifacts(entry.run_id, "certificate/certificate.json")).read())
+    assert certificate["decision"] == "promoted" and certificate["model_version"] == report["model_version"]
+
+    # idempotent: the same request id is answered from the ledger, nothing new is registered
+    again = erasure_flow(request("req-happy"))
+    assert again["idempotent"] and again["status"] == "promoted"
+    assert version_count(store) == 2
+
+
+def test_failing_gate_registers_rejected_and_keeps_champion(store):
+    report = erasure_flow(request("req-reject", method="finetune"))  # fine-tuning on retain forgets nothing
+    assert report["status"] == "rejected"
+    assert "forget_accuracy" in [g["name"] for g in report["gates"] if not g["passed"]]
+    assert aliases(store) == {"champion": "1", "previous": None}
+    version = MlflowClient().get_model_version(store.model_name, report["model_version"])
+    assert version.tags["status"] == "rejected"
+    assert ledger.find(MlflowClient(), store.experiment, "req-reject").status == "rejected"
+
+
+def test_guard_rolls_back_and_reopens_the_requests(store, monkeypatch):
+    promoted = erasure_flow(request("req-guarded"))
+    assert promoted["status"] == "promoted"
+    assert guard_flow()["passed"]  # the real thresholds hold
+
+    monkeypatch.setenv("ERASURE_MIN_RETAIN_ACCURACY", "0.999")  # the regression suite now demands more
+    get_settings.cache_clear()
+    verdict = guard_flow()
+    assert not verdict["passed"] and verdict["rollback"]["champion"] == "1"
+    assert aliases(store)["champion"] == "1" and aliases(store)["previous"] != promoted["model_version"]
+    rolled = MlflowClient().get_model_version(store.model_name, promoted["model_version"])
+    assert rolled.tags["status"] == "rolled_back"
+    entry = ledger.find(MlflowClient(), store.experiment, "req-guarded")
+    assert entry.status == "pending" and "rolled back" in entry.reason
+
+
+def test_crash_after_registration_leaves_aliases_unchanged(store, monkeypatch):
+    import flows.erasure
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("injected crash while writing the certificate")
+
+    monkeypatch.setattr(flows.erasure, "write_certificate", crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        erasure_flow(request("req-crash"))
+    assert aliases(store) == {"champion": "1", "previous": None}
+    assert version_count(store) == 2  # registered for audit, never served
+    assert ledger.find(MlflowClient(), store.experiment, "req-crash").status == "failed"
+
+
+def test_unknown_class_fails_before_training_and_changes_nothing(store):
+    with pytest.raises(ValueError, match="dragon"):
+        erasure_flow(request("req-dragon", target={"kind": "class", "class_name": "dragon"}))
+    assert aliases(store) == {"champion": "1", "previous": None} and version_count(store) == 1
+    assert ledger.find(MlflowClient(), store.experiment, "req-dragon").status == "failed"
+
+
+def test_malformed_request_is_refused_before_the_flow():
+    with pytest.raises(RequestError, match="target"):
+        load_request(json.dumps({"request_id": "x", "requester": "me", "target": {"kind": "planet"}}))
