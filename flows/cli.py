@@ -202,9 +202,26 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from unlearning.bench import main as bench_main
+    """Benchmark every method on the registered champion (bootstrapped first if needed)."""
+    import tempfile
 
-    return bench_main(["--out", args.out, *(["--quick"] if args.quick else [])])
+    from flows.bootstrap import bootstrap_flow
+    from tasks import registry
+    from tasks.registry import configure_mlflow
+    from tasks.report import bench_plot
+    from unlearning.bench import run_bench
+
+    settings = _settings()
+    configure_mlflow(settings)
+    bootstrap_flow()
+    folder = registry.download_version(settings.model_name, "champion", Path(tempfile.mkdtemp(prefix="bench-champion-")))
+    manifest = settings.reference_manifest or settings.world_dir / "manifest.jsonl"
+    out = Path(args.out)
+    result = run_bench(str(folder), str(manifest), out, args.methods, args.seeds, args.classes, args.kinds)
+    bench_plot(result["summary"]).savefig(out / "bench.png", dpi=120)
+    print((out / "bench.md").read_text())
+    _console().print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(fn=cmd_demo)
     bench = sub.add_parser("bench", help="benchmark every method on the embedded champion")
     bench.add_argument("--out", default="docs/bench")
-    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--methods", nargs="*", help="default: all six")
+    bench.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
+    bench.add_argument("--classes", nargs="*", help="default: every class")
+    bench.add_argument("--kinds", nargs="*", default=["class", "subgroup", "association"])
     bench.set_defaults(fn=cmd_bench)
     return parser
 

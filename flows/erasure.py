@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from pydantic import ValidationError
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
@@ -33,6 +34,7 @@ from tasks.report import gate_markdown, metrics_markdown, per_class_plot, write_
 from tasks.request import ErasureRequest, load_request
 from tasks.settings import ErasureSettings, get_settings
 from tasks.unlearn import attempt_method, evaluate_model, plan_methods
+from unlearning.methods import get_method
 from unlearning.models import save_model
 
 RERUNNABLE = ("failed", "pending")  # a request in another state is answered from the ledger
@@ -42,6 +44,23 @@ def harmonic_score(metrics: dict[str, float]) -> float:
     """Harmonic mean of (1 - forget accuracy) and retain accuracy: one number to rank attempts."""
     a, b = 1 - metrics.get("forget_accuracy", 1.0), metrics.get("retain_accuracy", 0.0)
     return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
+
+
+def method_config(method: str, request: ErasureRequest, strict: bool) -> dict:
+    """The request's ``method_config`` for ``method``, checked against the method's config class.
+
+    With ``auto``, keys a method does not know are dropped for that method (they target another
+    one); with a named method, any unknown or invalid key is an error naming the field.
+    """
+    config_cls = get_method(method).config_cls
+    values = {"seed": request.seeds[0], **request.method_config}
+    if not strict:
+        values = {k: v for k, v in values.items() if k in config_cls.model_fields}
+    try:
+        return config_cls.model_validate(values).model_dump()
+    except ValidationError as exc:
+        problems = "; ".join(f"method_config.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"{problems} (valid keys for {method}: {', '.join(sorted(config_cls.model_fields))})") from None
 
 
 def _flow_run_id() -> str:
@@ -87,6 +106,7 @@ def _erase(request: ErasureRequest, target, settings: ErasureSettings, client: M
     name = request.model or settings.model_name
     champion = load_champion(settings, name)
     data = prepare_data(request, settings, champion.bundle.image_size, champion.targets)
+    target = data.target
     ledger.set_status(client, run_id, "validated")
 
     all_targets = [*champion.targets, target]
@@ -99,12 +119,14 @@ def _erase(request: ErasureRequest, target, settings: ErasureSettings, client: M
                        "device": str(champion.bundle.model.logit_scale.device), "seeds": request.seeds,
                        **{f"gate.{k}": v for k, v in thresholds.items()}, **{f"manifest.{k}": v for k, v in data.manifest_hashes.items()}})
 
+    plan = plan_methods(request.method, target, data.unlearning)
+    configs = {m: method_config(m, request, strict=request.method != "auto") for m in plan}  # bad config fails before training
     ledger.set_status(client, run_id, "running")
     deadline = time.monotonic() + request.time_budget_s
     attempts = []
-    for method in plan_methods(request.method, target, data.unlearning):
+    for method in plan:
         attempt = attempt_method(method, champion.bundle, target, data.unlearning, data.eval_set, all_targets, before,
-                                 thresholds, config={"seed": request.seeds[0]}, members=data.members)
+                                 thresholds, config=configs[method], members=data.members)
         attempts.append(attempt)
         if attempt.passed or time.monotonic() > deadline:
             break

@@ -26,6 +26,7 @@ from unlearning.world import COLOURS, SIZES, probe_tasks
 class ErasureData:
     """Everything the unlearning and evaluation stages read, fetched and validated."""
 
+    target: ForgetTarget  # the request's target, completed (an association's captions from its manifest)
     reference: list[Record]
     unlearning: UnlearningData
     eval_set: EvalSet
@@ -65,11 +66,14 @@ def prepare_data(request: ErasureRequest, settings: ErasureSettings, image_size:
     and build the library's inputs: forget/retain/stop sets and the evaluation set."""
     logger = get_run_logger()
     reference_path = Path(settings.reference_manifest or settings.world_dir / "manifest.jsonl")
-    forget_path = local_manifest(request.forget_manifest, settings)
+    forget_path = local_manifest(request.forget_manifest or request.target.pairs_manifest, settings)
     retain_path = local_manifest(request.retain_manifest, settings) or reference_path
     reference = read_manifest(reference_path)
     classnames = sorted({r.label for r in reference})
     target = request.to_forget_target()
+    if target.kind == "association" and not target.captions and forget_path:
+        # the pairs to forget are named by the manifest: their captions identify them in evaluation
+        target = target.model_copy(update={"captions": sorted({r.caption for r in read_manifest(forget_path)})})
 
     report = validate_request_data(forget_path, retain_path, classnames, settings.allowed_buckets)
     mlflow.log_dict(report.to_dict(), "validation/gx_report.json")
@@ -93,7 +97,7 @@ def prepare_data(request: ErasureRequest, settings: ErasureSettings, image_size:
     if retain_path != reference_path:
         hashes["retain"] = file_hash(retain_path)
     logger.info("data ready: %d forget, %d retain, %d eval images", len(unlearning.forget or []), len(unlearning.retain or []), len(test))
-    return ErasureData(reference, unlearning, eval_set, unlearning.forget, hashes, report)
+    return ErasureData(target, reference, unlearning, eval_set, unlearning.forget, hashes, report)
 
 
 def reference_eval_set(settings: ErasureSettings, image_size: int) -> EvalSet:

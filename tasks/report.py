@@ -125,3 +125,23 @@ def write_certificate(folder: Path, certificate: dict) -> tuple[Path, Path]:
     md_path = folder / "certificate.md"
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
+
+
+def bench_plot(summary: Sequence[dict]):
+    """Forget accuracy against retained-accuracy drop per method and case kind (lower-left is better)."""
+    kinds = sorted({e["kind"] for e in summary})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for e in (e for e in summary if e["kind"] == kind):
+            drop = e["sibling_drop"] if kind == "subgroup" else e["retain_R@5_drop"] if kind == "association" else e["retain_drop"]
+            if not e["forget"] or not drop:
+                continue
+            ax.errorbar(100 * drop["mean"], 100 * e["forget"]["mean"], xerr=100 * drop["std"], yerr=100 * e["forget"]["std"],
+                        fmt="o", capsize=3, label=e["method"])
+        ax.set_xlabel("retained drop (points)")
+        ax.set_ylabel("forget accuracy / R@5 (%)")
+        ax.set_title(kind)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,190 @@
+"""Benchmark: every method on the same champion, the same data and the same budget.
+
+Cases: (a) each class (shape) alone, (b) one attribute x class subgroup with its siblings
+retained, (c) an association set (every caption naming one attribute value). Each run starts from
+the same original; each is evaluated on the test split (hyperparameter defaults were chosen on
+the val split). Writes ``bench.json`` (every run) and ``bench.md`` (mean ± spread over targets
+and seeds), which ``erasure bench`` also plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from unlearning.data import Record, read_manifest
+from unlearning.erasure_data import build_unlearning_data
+from unlearning.evaluation import EvalSet, evaluate
+from unlearning.methods import get_method, run_method
+from unlearning.methods.base import ForgetTarget
+from unlearning.models import load_model
+
+PAPER_METHODS = ("lipschitz", "three_stage", "cliperase")
+BASELINES = ("gradient_ascent", "graddiff", "finetune")
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str
+    target: ForgetTarget
+
+
+def default_cases(records: Sequence[Record], classes: Sequence[str] | None = None, subgroup=("colour", "red", "circle"),
+                  association_word: str = "red") -> list[Case]:
+    """Each class, one subgroup and one association set (all captions containing ``association_word``)."""
+    labels = sorted({r.label for r in records})
+    cases = [Case("class", ForgetTarget(kind="class", class_name=c)) for c in (classes or labels)]
+    attribute, value, label = subgroup
+    cases.append(Case("subgroup", ForgetTarget(kind="subgroup", class_name=label, attribute=attribute, value=value)))
+    captions = sorted({r.caption for r in records if association_word in r.caption.split()})
+    cases.append(Case("association", ForgetTarget(kind="association", captions=captions)))
+    return cases
+
+
+def _headline(metrics: dict) -> dict:
+    keep = ("forget_accuracy", "retain_accuracy", "sibling_accuracy", "heldout_accuracy", "heldout/colour", "heldout/size",
+            "heldout/colour_shape", "forget_R@5", "retain_R@5", "mia_auc")
+    return {k: metrics[k] for k in keep if k in metrics}
+
+
+def run_one(model_dir: str, reference: Sequence[Record], eval_set: EvalSet, case: Case, method: str, seed: int,
+            before: dict, relearn: bool = True) -> dict:
+    """One method on one case from the original weights; returns the benchmark row."""
+    bundle = load_model(f"local-dir:{model_dir}", device="cpu")
+    original = bundle.copy().model.requires_grad_(False)
+    data = build_unlearning_data(case.target, reference, bundle.image_size, seed=seed)
+    started = time.perf_counter()
+    result = run_method(method, bundle.model, bundle.tokenizer, case.target, data, {"seed": seed}, original=original)
+    seconds = time.perf_counter() - started
+    after = evaluate(result.model, bundle.tokenizer, eval_set, [case.target], members=data.forget).metrics
+    row = {"kind": case.kind, "target": case.target.name, "method": method, "seed": seed, "seconds": round(seconds, 2),
+           "steps": result.summary.get("steps", len(result.history)), "before": _headline(before), "after": _headline(after)}
+    if relearn and case.kind != "association" and data.forget is not None:
+        from unlearning.evidence import relearn_test
+
+        outcome = relearn_test(result.model, original, bundle.tokenizer, case.target, data, seed=seed)
+        row["relearn"] = outcome if isinstance(outcome, dict) else getattr(outcome, "__dict__", str(outcome))
+    return row
+
+
+def harmonic(forget: float, retained: float) -> float:
+    a = 1 - forget
+    return 0.0 if a <= 0 or retained <= 0 else 2 * a * retained / (a + retained)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread (population std) per (kind, method) over targets and seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["kind"], row["method"]), []).append(row)
+
+    def stat(values):
+        values = [v for v in values if v is not None and v == v]
+        if not values:
+            return None
+        return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+    summary = []
+    for (kind, method), group in sorted(groups.items()):
+        retained_key = "sibling_accuracy" if kind == "subgroup" else "retain_accuracy"
+        forget_key = "forget_accuracy"
+        entry = {"kind": kind, "method": method,
+                 "forget": stat([r["after"].get(forget_key) for r in group]),
+                 "retain_drop": stat([r["before"].get("retain_accuracy", 0) - r["after"].get("retain_accuracy", 0) for r in group]),
+                 "sibling_drop": stat([r["before"][retained_key] - r["after"][retained_key] for r in group if retained_key in r["after"]]) if kind == "subgroup" else None,
+                 "heldout_drop": stat([r["before"].get("heldout_accuracy", 0) - r["after"].get("heldout_accuracy", 0) for r in group]),
+                 "retain_R@5_drop": stat([r["before"].get("retain_R@5", 0) - r["after"].get("retain_R@5", 0) for r in group]),
+                 "forget_R@5": stat([r["after"].get("forget_R@5") for r in group]),
+                 "mia_auc": stat([r["after"].get("mia_auc") for r in group]),
+                 "relearn": stat([_relearn_value(r) for r in group]),
+                 "harmonic": stat([harmonic(r["after"].get(forget_key, 1.0), r["after"].get(retained_key, 0.0)) for r in group]),
+                 "seconds": stat([r["seconds"] for r in group]),
+                 "steps": stat([r["steps"] for r in group])}
+        summary.append(entry)
+    return summary
+
+
+def _relearn_value(row: dict) -> float | None:
+    relearn = row.get("relearn")
+    if isinstance(relearn, dict):
+        for key in ("unlearned_accuracy", "unlearned", "accuracy"):
+            value = relearn.get(key)
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, list) and value:
+                return float(value[-1])
+    return None
+
+
+def markdown(summary: list[dict], meta: dict) -> str:
+    def cell(stat, scale=100.0, digits=1):
+        if not stat:
+            return "–"
+        return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+    lines = [f"Model `{meta['model']}`, {meta['n_runs']} runs, seeds {meta['seeds']}, test split, {meta['threads']} CPU threads. "
+             "Accuracies in %, drops in points (before − after; negative = improved), mean ± spread over targets × seeds.", "",
+             "| kind | method | forget acc | retain drop | sibling drop | held-out drop | forget R@5 | retain R@5 drop | MIA AUC | relearn acc | harmonic | s | steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in summary:
+        lines.append(f"| {e['kind']} | {e['method']} | {cell(e['forget'])} | {cell(e['retain_drop'])} | {cell(e['sibling_drop'])} | "
+                     f"{cell(e['heldout_drop'])} | {cell(e['forget_R@5'])} | {cell(e['retain_R@5_drop'])} | {cell(e['mia_auc'], 1, 2)} | "
+                     f"{cell(e['relearn'])} | {cell(e['harmonic'])} | {cell(e['seconds'], 1, 1)} | {cell(e['steps'], 1, 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1),
+              classes: Sequence[str] | None = None, kinds: Sequence[str] = ("class", "subgroup", "association"),
+              progress: bool = True) -> dict:
+    """Run the benchmark and write ``bench.json`` and ``bench.md`` into ``out``."""
+    from unlearning.bootstrap import world_eval_set
+
+    out.mkdir(parents=True, exist_ok=True)
+    reference = read_manifest(manifest)
+    eval_set = world_eval_set(Path(manifest), "test")
+    methods = list(methods or [*PAPER_METHODS, *BASELINES])
+    original = load_model(f"local-dir:{model_dir}", device="cpu")
+    rows = []
+    for case in [c for c in default_cases(reference, classes) if c.kind in kinds]:
+        before = evaluate(original.model, original.tokenizer, eval_set, [case.target]).metrics
+        for method in methods:
+            if case.kind not in get_method(method).target_kinds:
+                continue
+            for seed in seeds:
+                row = run_one(model_dir, reference, eval_set, case, method, seed, before)
+                rows.append(row)
+                if progress:
+                    print(f"[bench] {case.kind:11s} {case.target.name[:28]:28s} {method:16s} seed {seed}: forget "
+                          f"{100 * row['after'].get('forget_accuracy', float('nan')):5.1f} %  retain "
+                          f"{100 * row['after'].get('retain_accuracy', float('nan')):5.1f} %  {row['seconds']:5.1f} s", flush=True)
+                (out / "bench.json").write_text(json.dumps({"rows": rows}, indent=1))  # partial results survive a crash
+    summary = summarise(rows)
+    meta = {"model": model_dir, "n_runs": len(rows), "seeds": list(seeds), "threads": torch.get_num_threads(), "methods": methods}
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    (out / "bench.md").write_text(markdown(summary, meta))
+    return {"meta": meta, "summary": summary, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="benchmark every unlearning method")
+    parser.add_argument("--model", required=True, help="open_clip model folder (the champion)")
+    parser.add_argument("--manifest", required=True, help="the world's manifest (train/val/test)")
+    parser.add_argument("--out", default="docs/bench")
+    parser.add_argument("--methods", nargs="*")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
+    parser.add_argument("--classes", nargs="*")
+    parser.add_argument("--kinds", nargs="*", default=["class", "subgroup", "association"])
+    args = parser.parse_args(argv)
+    run_bench(args.model, args.manifest, Path(args.out), args.methods, args.seeds, args.classes, args.kinds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
