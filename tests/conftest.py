@@ -78,3 +78,20 @@ def trained_bundle(trained_model_dir):
 @pytest.fixture(scope="session")
 def test_images(small_records):
     return load_images(small_records["test"], 32)
+
+
+@pytest.fixture
+def store(mlflow_store, small_world, trained_model_dir, monkeypatch):
+    """A fresh MLflow store whose champion (v1) is the small trained CLIP, with the small world
+    as the reference data. Yields the settings."""
+    from tasks import registry
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv("ERASURE_REFERENCE_MANIFEST", str(small_world))
+    get_settings.cache_clear()
+    settings = get_settings()
+    registry.configure_mlflow(settings)
+    version = registry.register_model_folder(trained_model_dir, settings, tags={"erasure.targets": "[]", "erasure.request_ids": "[]"})
+    registry.set_alias(settings.model_name, "champion", version.version)
+    yield settings
+    get_settings.cache_clear()

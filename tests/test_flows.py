@@ -21,19 +21,6 @@ GATES = {"max_forget_accuracy": 0.10, "max_retain_drop": 0.10, "max_heldout_drop
 FAST = {"max_steps": 40}
 
 
-@pytest.fixture
-def store(mlflow_store, small_world, trained_model_dir, monkeypatch):
-    """A fresh MLflow store whose champion (v1) is the small trained CLIP, with the small world as reference data."""
-    monkeypatch.setenv("ERASURE_REFERENCE_MANIFEST", str(small_world))
-    get_settings.cache_clear()
-    settings = get_settings()
-    registry.configure_mlflow(settings)
-    version = registry.register_model_folder(trained_model_dir, settings, tags={"erasure.targets": "[]", "erasure.request_ids": "[]"})
-    registry.set_alias(settings.model_name, "champion", version.version)
-    yield settings
-    get_settings.cache_clear()
-
-
 def request(request_id: str, **overrides) -> dict:
     body = {"request_id": request_id, "requester": "test@clip-erasure", "target": {"kind": "class", "class_name": "circle"},
             "method": "cliperase", "gates": GATES, "method_config": FAST}
