@@ -85,7 +85,7 @@ def erasure_flow(request: ErasureRequest | dict | str, settings: ErasureSettings
         return {"request_id": request.request_id, "status": earlier.status, "idempotent": True, "reason": earlier.reason,
                 "model_version": earlier.model_version, "mlflow_run_id": earlier.run_id}
 
-    target = request.to_forget_target()
+    target = request.target.to_forget_target()
     with mlflow.start_run(run_name=request.request_id) as run:
         run_id = run.info.run_id
         mlflow.set_tags({"erasure.kind": "request", ledger.REQUEST_ID: request.request_id, "erasure.target": target.name,

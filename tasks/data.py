@@ -70,7 +70,7 @@ def prepare_data(request: ErasureRequest, settings: ErasureSettings, image_size:
     retain_path = local_manifest(request.retain_manifest, settings) or reference_path
     reference = read_manifest(reference_path)
     classnames = sorted({r.label for r in reference})
-    target = request.to_forget_target()
+    target = request.target.to_forget_target()
     if target.kind == "association" and not target.captions and forget_path:
         # the pairs to forget are named by the manifest: their captions identify them in evaluation
         target = target.model_copy(update={"captions": sorted({r.caption for r in read_manifest(forget_path)})})

