@@ -30,7 +30,7 @@ from tasks import ledger
 from tasks.champion import lineage_tags, load_champion, promote, register_candidate, tag_version
 from tasks.data import prepare_data
 from tasks.registry import configure_mlflow
-from tasks.report import gate_markdown, metrics_markdown, per_class_plot, write_certificate
+from tasks.report import confusion_plot, gate_markdown, metrics_markdown, per_class_plot, write_certificate
 from tasks.request import ErasureRequest, load_request
 from tasks.settings import ErasureSettings, get_settings
 from tasks.unlearn import attempt_method, evaluate_model, plan_methods
@@ -112,6 +112,8 @@ def _erase(request: ErasureRequest, target, settings: ErasureSettings, client: M
     all_targets = [*champion.targets, target]
     before = evaluate_model(champion.bundle, data.eval_set, all_targets)
     mlflow.log_metrics({f"before.{k.replace('@', '_at_')}": v for k, v in before.metrics.items()})
+    mlflow.log_figure(confusion_plot(before.confusions["class"].confusion, before.confusions["class"].classnames,
+                                     f"champion v{champion.version} before the erasure"), "plots/confusion_before.png")
     thresholds = (request.gates.model_dump() if request.gates else
                   {"max_forget_accuracy": settings.max_forget_accuracy, "max_retain_drop": settings.max_retain_drop,
                    "max_heldout_drop": settings.max_heldout_drop})
