@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 # Lenient gates: the test model is small and trained for seconds, so it has less to keep.
 GATES = {"max_forget_accuracy": 0.10, "max_retain_drop": 0.10, "max_heldout_drop": 0.10}
-FAST = {"max_steps": 40}
+FAST = {"max_steps": 40, "lr": 3e-5}  # forgets a circle in ~20 steps on the test model
 
 
 def request(request_id: str, **overrides) -> dict:
@@ -61,7 +61,8 @@ def test_happy_path_promotes_and_records_everything(store):
 
 
 def test_failing_gate_registers_rejected_and_keeps_champion(store):
-    report = erasure_flow(request("req-reject", method="finetune"))  # fine-tuning on retain forgets nothing
+    # fine-tuning on retain forgets nothing in a few steps: the forget gate must fail
+    report = erasure_flow(request("req-reject", method="finetune", method_config={"max_steps": 8}))
     assert report["status"] == "rejected"
     assert "forget_accuracy" in [g["name"] for g in report["gates"] if not g["passed"]]
     assert aliases(store) == {"champion": "1", "previous": None}
