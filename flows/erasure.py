@@ -104,6 +104,8 @@ def erasure_flow(request: ErasureRequest | dict | str, settings: ErasureSettings
 def _erase(request: ErasureRequest, target, settings: ErasureSettings, client: MlflowClient, run_id: str) -> dict:
     logger = get_run_logger()
     name = request.model or settings.model_name
+    if request.method != "auto":
+        method_config(request.method, request, strict=True)  # a bad method_config fails before any work
     champion = load_champion(settings, name)
     data = prepare_data(request, settings, champion.bundle.image_size, champion.targets)
     target = data.target
