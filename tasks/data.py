@@ -19,7 +19,7 @@ from unlearning.data import Record, load_images, read_manifest
 from unlearning.erasure_data import build_unlearning_data
 from unlearning.evaluation import EvalSet
 from unlearning.methods.base import ForgetTarget, LabelledImages, UnlearningData
-from unlearning.world import COLOURS, SIZES, probe_tasks
+from unlearning.world import COLOURS, SIZES, world_probes
 
 
 @dataclass
@@ -51,13 +51,15 @@ def local_manifest(uri: str | None, settings: ErasureSettings) -> Path | None:
     return path
 
 
-def probes_for(records: list[Record]) -> dict:
-    """Held-out zero-shot probes available for this data: the world's, when its attributes are present."""
+def eval_set_of(records: list[Record], image_size: int) -> EvalSet:
+    """Evaluation images with the held-out probes available for them: the world's probes (over the
+    retained shapes) when the records carry its colour and size attributes, none otherwise."""
+    probes = None
     if records and all(k in records[0].attributes for k in ("colour", "size")):
         values = {r.attributes["colour"] for r in records} | {r.attributes["size"] for r in records}
         if values <= set(COLOURS) | set(SIZES):
-            return {k: v for k, v in probe_tasks(sorted({r.label for r in records})).items() if k != "shape"}
-    return {}
+            probes = world_probes
+    return EvalSet(records, load_images(records, image_size), probes_for=probes)
 
 
 @task(name="validate-and-prepare-data", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -90,7 +92,7 @@ def prepare_data(request: ErasureRequest, settings: ErasureSettings, image_size:
     unlearning = build_unlearning_data(target, retain_reference, image_size, forget_records, earlier, seed=request.seeds[0])
 
     test = [r for r in reference if r.split == "test"] or reference
-    eval_set = EvalSet(test, load_images(test, image_size), probes_for(test))
+    eval_set = eval_set_of(test, image_size)
     hashes = {"reference": file_hash(reference_path)}
     if forget_path:
         hashes["forget"] = file_hash(forget_path)
@@ -104,4 +106,4 @@ def reference_eval_set(settings: ErasureSettings, image_size: int) -> EvalSet:
     """The retain/regression suite: the reference data's test split with its probes."""
     reference = read_manifest(Path(settings.reference_manifest or settings.world_dir / "manifest.jsonl"))
     test = [r for r in reference if r.split == "test"] or reference
-    return EvalSet(test, load_images(test, image_size), probes_for(test))
+    return eval_set_of(test, image_size)

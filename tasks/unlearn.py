@@ -81,9 +81,8 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
     logger = get_run_logger()
     spec = get_method(method)
     candidate = champion.copy()
-    original = champion.model  # frozen reference: the champion, which already carries earlier erasures
-    for p in original.parameters():
-        p.requires_grad_(False)
+    candidate.model.requires_grad_(True)  # the champion itself is frozen (below), and copies inherit that
+    original = champion.model.requires_grad_(False)  # frozen reference: the champion, carrying earlier erasures
     with mlflow.start_run(run_name=f"attempt-{method}", nested=True) as run:
         config_model = spec.config_cls.model_validate(config or {})
         mlflow.log_params({f"method.{k}": v for k, v in config_model.model_dump().items()})

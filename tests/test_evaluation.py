@@ -7,7 +7,7 @@ import pytest
 from unlearning.data import load_images
 from unlearning.evaluation import EvalSet, caption_recall, check_gates, evaluate
 from unlearning.methods.base import ForgetTarget
-from unlearning.world import probe_tasks
+from unlearning.world import world_probes
 
 CIRCLE = ForgetTarget(kind="class", class_name="circle")
 RED_STAR = ForgetTarget(kind="subgroup", class_name="star", attribute="colour", value="red")
@@ -16,7 +16,7 @@ RED_STAR = ForgetTarget(kind="subgroup", class_name="star", attribute="colour", 
 @pytest.fixture(scope="module")
 def eval_set(small_records):
     test = small_records["test"]
-    return EvalSet(test, load_images(test, 32), {k: v for k, v in probe_tasks().items() if k != "shape"})
+    return EvalSet(test, load_images(test, 32), probes_for=world_probes)
 
 
 def test_trained_model_beats_chance_on_every_task(trained_bundle, eval_set):
@@ -36,8 +36,9 @@ def test_forget_and_retain_split_by_target(trained_bundle, eval_set):
     names = ev.confusions["class"].classnames
     weighted = sum(ev.per_class[n] * int(counts[names.index(n)]) for n in others) / sum(int(counts[names.index(n)]) for n in others)
     assert ev.metrics["retain_accuracy"] == pytest.approx(weighted, abs=1e-6)
-    # held-out probes never see circles
+    # held-out probes never see circles, and colour x shape no longer offers circle classes
     assert ev.confusions["heldout:colour"].n == sum(1 for r in eval_set.records if r.label != "circle")
+    assert not any(name.endswith(" circle") for name in ev.confusions["heldout:colour_shape"].classnames)
 
 
 def test_every_carried_target_is_checked(trained_bundle, eval_set):

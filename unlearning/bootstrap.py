@@ -18,7 +18,7 @@ from unlearning.data import load_images, read_manifest
 from unlearning.evaluation import EvalSet, Evaluation, evaluate
 from unlearning.models import ClipBundle, load_model, pick_device
 from unlearning.train import TrainConfig, train_clip
-from unlearning.world import WorldSpec, generate_world, probe_tasks
+from unlearning.world import WorldSpec, generate_world, world_probes
 
 
 @dataclass
@@ -34,8 +34,7 @@ class BootstrapResult:
 def world_eval_set(manifest: Path, split: str = "test", image_size: int = 32) -> EvalSet:
     """The world's evaluation images with its held-out probes (colour, size, colour x shape)."""
     records = read_manifest(manifest, split=split)
-    probes = {k: v for k, v in probe_tasks(sorted({r.label for r in records})).items() if k != "shape"}
-    return EvalSet(records, load_images(records, image_size), probes)
+    return EvalSet(records, load_images(records, image_size), probes_for=world_probes)
 
 
 def bootstrap_world_model(world_dir: Path, spec: WorldSpec = WorldSpec(), model_name: str = "TinyCLIP-RN32",

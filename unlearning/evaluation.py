@@ -21,7 +21,7 @@ Metric names (flat, so they can be logged to MLflow and gated):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,6 +46,9 @@ class EvalSet:
     images: torch.Tensor
     probes: dict[str, ZeroShotTask] = field(default_factory=dict)
     class_templates: Sequence[str] = CLASS_TEMPLATES
+    # Builds the probes for the classes still retained (e.g. colour x shape over retained shapes
+    # only); when set, it replaces ``probes`` at evaluation time.
+    probes_for: Callable[[list[str]], dict[str, ZeroShotTask]] | None = None
 
     @property
     def classnames(self) -> list[str]:
@@ -143,7 +146,8 @@ def evaluate(model: torch.nn.Module, tokenizer, eval_set: EvalSet, targets: Sequ
 
     retained_records = [records[i] for i in retained]
     heldout = []
-    for name, probe in eval_set.probes.items():
+    probes = eval_set.probes_for(sorted({r.label for r in retained_records})) if eval_set.probes_for else eval_set.probes
+    for name, probe in probes.items():
         result = evaluate_task(model, tokenizer, probe, retained_records, images[retained_mask], feats[retained_mask])
         if result.n:
             confusions[f"heldout:{name}"] = result

@@ -232,3 +232,8 @@ def probe_tasks(shapes: Sequence[str] = SHAPES) -> dict[str, "ZeroShotTask"]:
             lambda r: f"{r.attributes['colour']} {r.label}",
         ),
     }
+
+
+def world_probes(shapes: Sequence[str]) -> dict[str, "ZeroShotTask"]:
+    """The held-out probes over ``shapes`` (the shape task itself is the evaluation's class task)."""
+    return {k: v for k, v in probe_tasks(shapes).items() if k != "shape"}
