@@ -46,7 +46,7 @@ def per_class_plot(before: dict[str, float], after: dict[str, float], forgotten:
             tick.set_fontweight("bold")
     ax.set_ylabel("zero-shot accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right")
     fig.tight_layout()
     return fig
