@@ -214,7 +214,8 @@ def cmd_bench(args) -> int:
     settings = _settings()
     configure_mlflow(settings)
     bootstrap_flow()
-    folder = registry.download_version(settings.model_name, "champion", Path(tempfile.mkdtemp(prefix="bench-champion-")))
+    # version 1 is the bootstrapped embedded model: every method starts from it, before any erasure
+    folder = registry.download_version(settings.model_name, "1", Path(tempfile.mkdtemp(prefix="bench-champion-")))
     manifest = settings.reference_manifest or settings.world_dir / "manifest.jsonl"
     out = Path(args.out)
     result = run_bench(str(folder), str(manifest), out, args.methods, args.seeds, args.classes, args.kinds)

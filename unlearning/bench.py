@@ -70,7 +70,7 @@ def run_one(model_dir: str, reference: Sequence[Record], eval_set: EvalSet, case
         from unlearning.evidence import relearn_test
 
         outcome = relearn_test(result.model, original, bundle.tokenizer, case.target, data, seed=seed)
-        row["relearn"] = outcome if isinstance(outcome, dict) else getattr(outcome, "__dict__", str(outcome))
+        row["relearn"] = {"unlearned": outcome.unlearned, "original": outcome.original}
     return row
 
 
@@ -103,7 +103,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                  "retain_R@5_drop": stat([r["before"].get("retain_R@5", 0) - r["after"].get("retain_R@5", 0) for r in group]),
                  "forget_R@5": stat([r["after"].get("forget_R@5") for r in group]),
                  "mia_auc": stat([r["after"].get("mia_auc") for r in group]),
-                 "relearn": stat([_relearn_value(r) for r in group]),
+                 "relearn": stat([_relearn_value(r, "unlearned") for r in group]),
+                 "relearn_original": stat([_relearn_value(r, "original") for r in group]),
                  "harmonic": stat([harmonic(r["after"].get(forget_key, 1.0), r["after"].get(retained_key, 0.0)) for r in group]),
                  "seconds": stat([r["seconds"] for r in group]),
                  "steps": stat([r["steps"] for r in group])}
@@ -111,16 +112,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def _relearn_value(row: dict) -> float | None:
-    relearn = row.get("relearn")
-    if isinstance(relearn, dict):
-        for key in ("unlearned_accuracy", "unlearned", "accuracy"):
-            value = relearn.get(key)
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, list) and value:
-                return float(value[-1])
-    return None
+def _relearn_value(row: dict, curve: str) -> float | None:
+    """Forget-target accuracy at the end of the relearning attack (``unlearned`` or ``original`` curve)."""
+    values = (row.get("relearn") or {}).get(curve)
+    return float(values[-1]) if values else None
 
 
 def markdown(summary: list[dict], meta: dict) -> str:
@@ -131,12 +126,12 @@ def markdown(summary: list[dict], meta: dict) -> str:
 
     lines = [f"Model `{meta['model']}`, {meta['n_runs']} runs, seeds {meta['seeds']}, test split, {meta['threads']} CPU threads. "
              "Accuracies in %, drops in points (before − after; negative = improved), mean ± spread over targets × seeds.", "",
-             "| kind | method | forget acc | retain drop | sibling drop | held-out drop | forget R@5 | retain R@5 drop | MIA AUC | relearn acc | harmonic | s | steps |",
+             "| kind | method | forget acc | retain drop | sibling drop | held-out drop | forget R@5 | retain R@5 drop | MIA AUC | relearn acc (original) | harmonic | s | steps |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         lines.append(f"| {e['kind']} | {e['method']} | {cell(e['forget'])} | {cell(e['retain_drop'])} | {cell(e['sibling_drop'])} | "
                      f"{cell(e['heldout_drop'])} | {cell(e['forget_R@5'])} | {cell(e['retain_R@5_drop'])} | {cell(e['mia_auc'], 1, 2)} | "
-                     f"{cell(e['relearn'])} | {cell(e['harmonic'])} | {cell(e['seconds'], 1, 1)} | {cell(e['steps'], 1, 0)} |")
+                     f"{cell(e['relearn'])} ({cell(e['relearn_original'])}) | {cell(e['harmonic'])} | {cell(e['seconds'], 1, 1)} | {cell(e['steps'], 1, 0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,14 +146,19 @@ def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] |
     eval_set = world_eval_set(Path(manifest), "test")
     methods = list(methods or [*PAPER_METHODS, *BASELINES])
     original = load_model(f"local-dir:{model_dir}", device="cpu")
-    rows = []
+    rows, errors = [], []
     for case in [c for c in default_cases(reference, classes) if c.kind in kinds]:
         before = evaluate(original.model, original.tokenizer, eval_set, [case.target]).metrics
         for method in methods:
             if case.kind not in get_method(method).target_kinds:
                 continue
             for seed in seeds:
-                row = run_one(model_dir, reference, eval_set, case, method, seed, before)
+                try:
+                    row = run_one(model_dir, reference, eval_set, case, method, seed, before)
+                except Exception as exc:  # one broken run must not lose the others; it is reported
+                    errors.append({"kind": case.kind, "target": case.target.name, "method": method, "seed": seed, "error": repr(exc)})
+                    print(f"[bench] {case.target.name} {method} seed {seed}: FAILED {exc!r}", flush=True)
+                    continue
                 rows.append(row)
                 if progress:
                     print(f"[bench] {case.kind:11s} {case.target.name[:28]:28s} {method:16s} seed {seed}: forget "
@@ -166,7 +166,8 @@ def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] |
                           f"{100 * row['after'].get('retain_accuracy', float('nan')):5.1f} %  {row['seconds']:5.1f} s", flush=True)
                 (out / "bench.json").write_text(json.dumps({"rows": rows}, indent=1))  # partial results survive a crash
     summary = summarise(rows)
-    meta = {"model": model_dir, "n_runs": len(rows), "seeds": list(seeds), "threads": torch.get_num_threads(), "methods": methods}
+    meta = {"model": model_dir, "n_runs": len(rows), "seeds": list(seeds), "threads": torch.get_num_threads(), "methods": methods,
+            "errors": errors}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     (out / "bench.md").write_text(markdown(summary, meta))
     return {"meta": meta, "summary": summary, "rows": rows}

@@ -12,3 +12,4 @@ from unlearning.methods.base import (  # noqa: F401
     register,
     run_method,
 )
+from unlearning.methods import baselines, cliperase, lipschitz, three_stage  # noqa: F401,E402  (register)

@@ -1,0 +1,85 @@
+"""CLIPErase: its three loss terms, and forgetting a class / an association on the small trained CLIP."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unlearning.erasure_data import build_unlearning_data
+from unlearning.evaluation import EvalSet, evaluate
+from unlearning.methods import ForgetTarget, run_method
+from unlearning.methods.cliperase import cliperase_terms
+from unlearning.metrics import encode_images, encode_texts
+
+FAST = {"max_steps": 40, "stop_forget_accuracy": 0.05, "stop_forget_recall": 0.05}
+
+
+def _pairs(records, images, n=16):
+    return images[:n], [r.caption for r in records[:n]]
+
+
+def test_consistency_kl_is_zero_when_the_model_is_its_own_teacher(trained_bundle, small_records, test_images):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    images, texts = _pairs(small_records["test"], test_images)
+    is_forget = torch.arange(len(images)) < 4
+    teacher = copy.deepcopy(model)
+    assert float(cliperase_terms(model, teacher, tokenizer, images, texts, is_forget)["consistency"]) == pytest.approx(0.0, abs=1e-6)
+
+    with torch.no_grad():  # a changed student must show a positive KL, or the term measures nothing
+        model.text_projection.add_(0.05 * torch.randn_like(model.text_projection))
+    assert float(cliperase_terms(model, teacher, tokenizer, images, texts, is_forget)["consistency"]) > 1e-4
+
+
+def test_forgetting_term_is_the_mean_dot_product_of_forget_pairs(trained_bundle, small_records, test_images):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    images, texts = _pairs(small_records["test"], test_images)
+    is_forget = torch.arange(len(images)) % 3 == 0
+    terms = cliperase_terms(model, copy.deepcopy(model), tokenizer, images, texts, is_forget)
+    expected = (encode_images(model, images[is_forget]) * encode_texts(model, tokenizer, [t for t, f in zip(texts, is_forget) if f])).sum(-1).mean()
+    assert float(terms["forgetting"]) == pytest.approx(float(expected), abs=1e-4)
+    retain = ~is_forget
+    img, txt = encode_images(model, images[retain]), encode_texts(model, tokenizer, [t for t, f in zip(texts, retain) if f])
+    logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
+    labels = torch.arange(len(img))
+    clip_loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    assert float(terms["retention"]) == pytest.approx(float(clip_loss), abs=1e-3)
+
+
+def _best_class(model, tokenizer, eval_set) -> str:
+    """The class the model knows best, so that forgetting it is a measurable drop."""
+    per_class = evaluate(model, tokenizer, eval_set, []).per_class
+    return max(per_class, key=per_class.get)
+
+
+def test_cliperase_forgets_a_class_and_keeps_the_others(trained_bundle, small_records, test_images):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    eval_set = EvalSet(small_records["test"], test_images)
+    target = ForgetTarget(kind="class", class_name=_best_class(model, tokenizer, eval_set))
+    before = evaluate(model, tokenizer, eval_set, [target]).metrics
+    data = build_unlearning_data(target, small_records["train"] + small_records["val"], 32, max_retain=1024)
+
+    result = run_method("cliperase", model, tokenizer, target, data, FAST, original=copy.deepcopy(model).requires_grad_(False))
+
+    after = evaluate(model, tokenizer, eval_set, [target]).metrics
+    assert before["forget_accuracy"] >= 0.5
+    assert after["forget_accuracy"] <= 0.2 * before["forget_accuracy"]
+    assert before["retain_accuracy"] - after["retain_accuracy"] <= 0.08
+    assert result.summary["steps"] <= FAST["max_steps"]
+
+
+def test_cliperase_erases_an_association_and_keeps_other_captions(trained_bundle, small_records, test_images):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    records = small_records["train"] + small_records["val"] + small_records["test"]
+    target = ForgetTarget(kind="association", captions=sorted({r.caption for r in records if "red" in r.caption.split()}))
+    eval_set = EvalSet(small_records["test"], test_images)
+    before = evaluate(model, tokenizer, eval_set, [target]).metrics
+    data = build_unlearning_data(target, small_records["train"] + small_records["val"], 32, max_retain=1024)
+
+    run_method("cliperase", model, tokenizer, target, data, FAST, original=copy.deepcopy(model).requires_grad_(False))
+
+    after = evaluate(model, tokenizer, eval_set, [target]).metrics
+    assert after["forget_accuracy"] <= 0.5 * before["forget_accuracy"]
+    assert before["retain_R@5"] - after["retain_R@5"] <= 0.10

@@ -1,0 +1,96 @@
+"""The ``lipschitz`` method (Kravets & Namboodiri): loss, layer mask, rollback, and real forgetting."""
+
+import torch
+
+from unlearning.data import load_images
+from unlearning.methods import ForgetTarget, UnlearningData, run_method
+from unlearning.methods.lipschitz import keep_top_k, lipschitz_loss, perturb, restore, snapshot, tower_parameters
+from unlearning.metrics import prepare_images, zero_shot_accuracy
+from unlearning.world import SHAPES
+
+NEVER_UPDATED = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection", "logit_scale")
+
+
+def _optimizer(towers):
+    return torch.optim.Adam([p for params in towers.values() for p in params.values()], lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
+                            weight_decay=0.2)
+
+
+def _batch(model, small_records, label="circle", n=16):
+    records = [r for r in small_records["train"] if r.label == label][:n]
+    return prepare_images(model, load_images(records, 32))
+
+
+def test_loss_decreases_when_minimised_on_a_fixed_batch(trained_bundle, small_records):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    x, text = _batch(model, small_records), tokenizer(["a picture of a circle."])
+    # The noisy anchors e_x~ carry no gradient, so each step minimises K against fixed anchors; that
+    # is the objective checked here (re-drawing anchors from the moving model can make K rise).
+    x_noisy, e_noisy = perturb(model, x, 0.5, 4, torch.Generator().manual_seed(0))
+    towers = tower_parameters(model)
+    optimizer = _optimizer(towers)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad(set_to_none=True)
+        loss = lipschitz_loss(model, text, x, x_noisy, e_noisy)
+        loss.backward()
+        keep_top_k(towers, {"visual": 4, "text": 6})
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.97 * losses[0], losses
+
+
+def test_mask_keeps_exactly_k_tensors_per_tower_and_never_the_excluded_ones(trained_bundle, small_records):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    x = _batch(model, small_records, n=8)
+    x_noisy, e_noisy = perturb(model, x, 0.5, 2, torch.Generator().manual_seed(0))
+    lipschitz_loss(model, tokenizer(["a picture of a circle."]), x, x_noisy, e_noisy).backward()
+    towers = tower_parameters(model)
+    assert not any(name in towers["text"] or name in towers["visual"] for name in NEVER_UPDATED)
+    assert not any("conv" in n or "bn" in n or "downsample" in n for n in towers["visual"])  # RN50 freeze list
+    assert all(n.startswith("transformer.") for n in towers["text"])
+
+    kept = keep_top_k(towers, {"visual": 3, "text": 5})
+
+    for tower, k in (("visual", 3), ("text", 5)):
+        with_grad = [n for n, p in towers[tower].items() if p.grad is not None]
+        assert len(with_grad) == k and set(with_grad) <= set(kept)
+    assert len(kept) == 8
+    # kept tensors are the ones with the largest mean |grad| in their tower: re-run and compare
+    model.zero_grad(set_to_none=True)
+    lipschitz_loss(model, tokenizer(["a picture of a circle."]), x, x_noisy, e_noisy).backward()
+    scores = {n: p.grad.abs().mean().item() for n, p in towers["text"].items() if p.grad is not None}
+    assert set(sorted(scores, key=scores.get, reverse=True)[:5]) == {n for n in kept if n.startswith("transformer.")}
+
+
+def test_rollback_restores_model_and_optimiser_bit_for_bit(trained_bundle, small_records):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    x, text = _batch(model, small_records, n=8), tokenizer(["a picture of a circle."])
+    towers = tower_parameters(model)
+    optimizer = _optimizer(towers)
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        lipschitz_loss(model, text, x, *perturb(model, x, 0.5, 2, generator)).backward()
+        keep_top_k(towers, {"visual": 3, "text": 5})
+        optimizer.step()
+
+    step()  # the optimiser has state to roll back to
+    saved = snapshot(model, optimizer)
+    weights, adam = {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict()
+    adam_state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in adam["state"].items()}
+    for _ in range(3):
+        step()
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+    for _ in range(2):  # a snapshot can be restored more than once
+        restore(model, optimizer, saved)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, weights[k]), k
+        restored = optimizer.state_dict()["state"]
+        assert restored.keys() == adam_state.keys()
+        for i, s in adam_state.items():
+            for k, v in s.items():
+                assert torch.equal(torch.as_tensor(restored[i][k]), torch.as_tensor(v)), (i, k)
+        step()

@@ -1,0 +1,57 @@
+"""Synthetic forget sets (Kravets Step A): images grown from noise until the model sees the target."""
+
+import torch
+
+from unlearning.metrics import encode_images, zero_shot_classifier
+from unlearning.synthetic import SynthesisConfig, synthesize
+from unlearning.world import COLOURS, SHAPES
+
+TEMPLATES = ["a picture of a {}."]
+
+
+def _target_probabilities(model, tokenizer, images, classnames, target):
+    logits = model.logit_scale.exp().clamp(max=100) * encode_images(model, images) @ zero_shot_classifier(model, tokenizer, classnames, TEMPLATES)
+    return logits.softmax(dim=-1)
+
+
+def test_synthesis_raises_the_target_probability_and_survives_uint8(trained_bundle):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    classnames, target = list(SHAPES), SHAPES.index("square")
+    config = SynthesisConfig(n_images=16, max_steps=100, steps_per_round=25)
+
+    start = synthesize(model, tokenizer, classnames, target, config.model_copy(update={"max_steps": 0}), TEMPLATES)
+    grown = synthesize(model, tokenizer, classnames, target, config, TEMPLATES)
+
+    assert grown.images.dtype == torch.uint8 and grown.images.shape == (16, 3, 32, 32)
+    assert 0 < grown.steps <= config.max_steps
+    assert float(grown.target_prob.mean()) > float(start.target_prob.mean()) + 0.2
+    # the reported probabilities are those of the stored uint8 images
+    probs = _target_probabilities(model, tokenizer, grown.images, classnames, target)
+    assert torch.allclose(probs[:, target], grown.target_prob, atol=1e-4)
+    accepted = grown.accepted
+    assert accepted.any()
+    assert bool((probs[accepted].argmax(dim=-1) == target).all())
+    assert bool((probs[accepted, target] > grown.threshold[accepted]).all())
+    # failing images lower their own threshold, never below the floor
+    assert bool((grown.threshold >= 0.45 - 1e-6).all()) and bool((grown.threshold <= config.high_prob).all())
+    # the model is left as it was, gradients flags included
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) and p.requires_grad and p.grad is None
+
+
+def test_synthesis_works_for_subgroups_and_is_seeded(trained_bundle):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    classnames = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    target = classnames.index("red circle")
+    config = SynthesisConfig(n_images=8, max_steps=60)
+
+    start = synthesize(model, tokenizer, classnames, target, config.model_copy(update={"max_steps": 0}), TEMPLATES)
+    first = synthesize(model, tokenizer, classnames, target, config, TEMPLATES)
+    again = synthesize(model, tokenizer, classnames, target, config, TEMPLATES)
+
+    assert float(first.target_prob.mean()) > float(start.target_prob.mean()) + 0.1
+    assert torch.equal(first.images, again.images)
+    # and a paper-only configuration (no transfer aids) still climbs
+    paper = synthesize(model, tokenizer, classnames, target, SynthesisConfig.paper(n_images=8, max_steps=60), TEMPLATES)
+    assert float(paper.target_prob.mean()) > float(start.target_prob.mean()) + 0.1

@@ -1,0 +1,114 @@
+"""Three-stage subgroup forgetting: souping, the KD term, BatchNorm alignment, and forgetting on the small CLIP."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from unlearning.erasure_data import build_unlearning_data
+from unlearning.evaluation import EvalSet, evaluate
+from unlearning.methods import ForgetTarget, run_method
+from unlearning.methods.three_stage import align_to_batchnorm, distillation_kl, soup
+from unlearning.models import load_model, state_copy
+
+FAST = {"max_steps": 30, "remind_steps": 8, "align_steps": 5, "align_pool": 64, "stop_forget_accuracy": 0.0}
+
+
+def _perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {k: v + torch.randn(v.shape, generator=generator) if v.is_floating_point() else v + 3 for k, v in state.items()}
+
+
+def test_soup_endpoints_are_the_original_and_the_unlearned_bit_for_bit(trained_bundle):
+    original = state_copy(trained_bundle.model)
+    original["visual.bn1.running_mean"][0] = -0.0  # signed zero and NaN must survive an exact endpoint
+    original["visual.bn1.running_mean"][1] = float("nan")
+    unlearned = _perturbed(original)
+    for alpha, expected in ((0.0, original), (1.0, unlearned)):
+        souped = soup(original, unlearned, alpha)
+        assert souped.keys() == expected.keys()
+        for key, value in souped.items():
+            assert value.dtype == expected[key].dtype
+            assert torch.equal(value.view(torch.uint8) if value.is_floating_point() else value,
+                               expected[key].view(torch.uint8) if value.is_floating_point() else expected[key]), key
+
+
+def test_soup_interpolates_weights_and_takes_integer_buffers_from_the_heavier_side(trained_bundle):
+    original = state_copy(trained_bundle.model)
+    unlearned = _perturbed(original)
+    souped = soup(original, unlearned, 0.25)
+    weight = "visual.conv1.weight"
+    assert torch.allclose(souped[weight], 0.25 * unlearned[weight] + 0.75 * original[weight], atol=1e-6)
+    counter = "visual.bn1.num_batches_tracked"
+    assert torch.equal(souped[counter], original[counter])
+    assert torch.equal(soup(original, unlearned, 0.75)[counter], unlearned[counter])
+    trained_bundle.model.load_state_dict(souped)  # a soup is a loadable model
+
+
+def test_distillation_kl_is_zero_for_the_teacher_itself(trained_bundle, test_images):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    classnames, templates = ["circle", "square", "star"], ["a picture of a {}."]
+    teacher = copy.deepcopy(model)
+    assert float(distillation_kl(model, teacher, tokenizer, test_images[:16], classnames, templates, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.visual.attnpool.c_proj.weight.add_(0.05 * torch.randn_like(model.visual.attnpool.c_proj.weight))
+    assert float(distillation_kl(model, teacher, tokenizer, test_images[:16], classnames, templates, 2.0)) > 1e-4
+
+
+def _bn_gap(model, x) -> float:
+    layers = [m for m in model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    inputs = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: inputs.append(i[0])) for m in layers]
+    with torch.no_grad():
+        model.encode_image(x)
+    for h in hooks:
+        h.remove()
+    return sum(float((a.mean(dim=(0, 2, 3)) - m.running_mean).norm()) for m, a in zip(layers, inputs))
+
+
+def test_alignment_moves_batch_statistics_towards_the_running_statistics(trained_bundle, test_images):
+    from unlearning.metrics import prepare_images
+
+    model = trained_bundle.model
+    images = test_images[:32]
+    aligned = align_to_batchnorm(model, images, steps=15, lr=0.05, l2=1e-3, batch_size=32)
+    assert aligned.shape == images.shape and aligned.is_floating_point()
+    assert _bn_gap(model, aligned) < 0.9 * _bn_gap(model, prepare_images(model, images))
+    assert all(p.grad is None for p in model.parameters())  # only the perturbation learned
+
+
+def test_alignment_is_skipped_for_a_tower_without_batchnorm(test_images):
+    vit = load_model("TinyCLIP-ViT32", device="cpu").model
+    assert align_to_batchnorm(vit, test_images[:4], steps=2, lr=0.05, l2=1e-3, batch_size=4) is None
+
+
+def _best(per_class: dict[str, float], candidates) -> str:
+    return max(candidates, key=lambda name: per_class.get(name, 0.0))
+
+
+def test_three_stage_forgets_a_subgroup_and_keeps_its_siblings(trained_bundle, small_records, test_images):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    eval_set = EvalSet(small_records["test"], test_images)
+    probe = ForgetTarget(kind="subgroup", class_name="circle", attribute="colour", value="red")
+    subgroups = evaluate(model, tokenizer, eval_set, [probe]).confusions["subgroup:red circle"].per_class
+    name = _best(subgroups, subgroups)  # the subgroup the model knows best: its drop is measurable
+    value, label = name.split(" ")
+    target = ForgetTarget(kind="subgroup", class_name=label, attribute="colour", value=value)
+    before = evaluate(model, tokenizer, eval_set, [target]).metrics
+    data = build_unlearning_data(target, small_records["train"] + small_records["val"], 32, max_retain=1024)
+    original = copy.deepcopy(model).requires_grad_(False)
+
+    result = run_method("three_stage", model, tokenizer, target, data, FAST, original=original)
+
+    after = evaluate(model, tokenizer, eval_set, [target]).metrics
+    assert before["forget_accuracy"] >= 0.5
+    assert after["forget_accuracy"] <= 0.5 * before["forget_accuracy"]
+    assert before["sibling_accuracy"] - after["sibling_accuracy"] <= 0.15
+    assert before["retain_accuracy"] - after["retain_accuracy"] <= 0.08
+    selected = set(result.summary["selected_tensors"])
+    assert len(selected) == 8
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, dict(original.named_parameters())[n])}
+    assert changed and changed <= selected  # only the Fisher-selected tensors move
+    assert 0.0 < result.summary["alpha"] <= 1.0
