@@ -14,7 +14,9 @@ from unlearning.methods import ForgetTarget, run_method
 from unlearning.methods.cliperase import cliperase_terms
 from unlearning.metrics import encode_images, encode_texts
 
-FAST = {"max_steps": 40, "stop_forget_accuracy": 0.05, "stop_forget_recall": 0.05}
+# lr 3e-5: on the 800-step test model, 1e-5 does not forget within 40 steps (measured in a fresh-clone run);
+# 3e-5 took circle from 91.7 % to 6.2 % with retain -4.4 pt (same model, same budget).
+FAST = {"max_steps": 40, "lr": 3e-5, "stop_forget_accuracy": 0.05, "stop_forget_recall": 0.05}
 
 
 def _pairs(records, images, n=16):
