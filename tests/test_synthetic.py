@@ -18,13 +18,13 @@ def test_synthesis_raises_the_target_probability_and_survives_uint8(trained_bund
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     classnames, target = list(SHAPES), SHAPES.index("square")
-    config = SynthesisConfig(n_images=16, max_steps=100, steps_per_round=25)
+    config = SynthesisConfig(n_images=16, high_prob=0.6, min_steps=20, max_steps=100, steps_per_round=25)
 
     start = synthesize(model, tokenizer, classnames, target, config.model_copy(update={"max_steps": 0}), TEMPLATES)
     grown = synthesize(model, tokenizer, classnames, target, config, TEMPLATES)
 
     assert grown.images.dtype == torch.uint8 and grown.images.shape == (16, 3, 32, 32)
-    assert 0 < grown.steps <= config.max_steps
+    assert config.min_steps <= grown.steps <= config.max_steps  # nothing is accepted before min_steps
     assert float(grown.target_prob.mean()) > float(start.target_prob.mean()) + 0.2
     # the reported probabilities are those of the stored uint8 images
     probs = _target_probabilities(model, tokenizer, grown.images, classnames, target)
@@ -44,7 +44,7 @@ def test_synthesis_works_for_subgroups_and_is_seeded(trained_bundle):
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     classnames = [f"{c} {s}" for c in COLOURS for s in SHAPES]
     target = classnames.index("red circle")
-    config = SynthesisConfig(n_images=8, max_steps=60)
+    config = SynthesisConfig(n_images=8, min_steps=0, max_steps=40)
 
     start = synthesize(model, tokenizer, classnames, target, config.model_copy(update={"max_steps": 0}), TEMPLATES)
     first = synthesize(model, tokenizer, classnames, target, config, TEMPLATES)
@@ -53,5 +53,5 @@ def test_synthesis_works_for_subgroups_and_is_seeded(trained_bundle):
     assert float(first.target_prob.mean()) > float(start.target_prob.mean()) + 0.1
     assert torch.equal(first.images, again.images)
     # and a paper-only configuration (no transfer aids) still climbs
-    paper = synthesize(model, tokenizer, classnames, target, SynthesisConfig.paper(n_images=8, max_steps=60), TEMPLATES)
+    paper = synthesize(model, tokenizer, classnames, target, SynthesisConfig.paper(n_images=8, high_prob=0.99, max_steps=40), TEMPLATES)
     assert float(paper.target_prob.mean()) > float(start.target_prob.mean()) + 0.1

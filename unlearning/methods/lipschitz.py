@@ -1,25 +1,58 @@
 """Lipschitz forgetting with synthetic samples (Kravets & Namboodiri, WACV 2025; methods.md section 1).
 
-The paper's recipe (methods.md 1.2): synthesise forget images by gradient ascent on the target's
-text similarity (:mod:`unlearning.synthetic`); minimise the joint Lipschitz loss
-K = (||e_t - e_x~|| + ||e_x - e_x~||) / (2 ||x - x~||) over N noise draws, raw projected
-features, e_x~ without gradient, x~ clamped to the batch min/max; per step update only the top-k
-parameter tensors by mean |grad| in each tower (token/positional embeddings, ln_final,
-text_projection and logit_scale never); check synthetic-forget accuracy after every step and stop
-at the threshold; per epoch keep the best, otherwise roll back model and optimiser and escalate
-sigma and k together.
+The paper's recipe (methods.md 1.2, reference code ``train_forget.py``):
 
-Where we deviate (every deviation is a config field marked "ours" below), and why:
-- On this tiny 32-px ResNet CLIP the paper's schedule (sigma 0.1..2, k 5.., stop at 10 % on the
-  training synthetic set) drove the synthetic set to <= 10 % while real images stayed at 94-97 %
-  (calibration.md): the synthetic forgetting did not transfer. We stop on a *held-out* synthetic
-  set (``stop_set="heldout"``), require the target's mean probability to fall too
-  (``stop_forget_prob``), use larger sigma and update text tensors only (``k_visual_schedule``
-  0), and anchor other prompts' text embeddings (``anchor_weight``) so the erasure stays on the
-  target. ``anchor_weight=0``, the paper's schedules and ``stop_set="train"`` give the paper's
-  recipe back.
-- Fewer noise draws (4, paper 25) and several steps per epoch, for a ~45 s budget on 2 CPU cores.
-- Real images are used only when asked: ``use_real_forget`` (train) or ``stop_set="forget_val"``.
+A. Synthesise N forget images from noise by gradient ascent on the target's text similarity
+   (:mod:`unlearning.synthetic`); no real image of the class is used.
+B. Minimise the joint Lipschitz loss K = (||e_t - e_x~|| + ||e_x - e_x~||) / (2 ||x - x~||),
+   averaged over noise draws and the batch, on raw projected features, with
+   x~ = clamp(x + N(0, sigma^2)) to the batch min/max and e_x~ computed without gradient. Each step
+   pulls the target's text embedding and its images' embeddings towards embeddings of noise.
+C. After each backward pass keep only the top-k parameter tensors by mean |grad| in each tower
+   (``model.visual``, ``model.transformer``); token/positional embeddings, ln_final,
+   text_projection and logit_scale lie outside both and are never updated. Adam (lr 5e-5,
+   betas (0.9, 0.98), eps 1e-6, weight decay 0.2) then skips every tensor without a gradient.
+D. Check synthetic-forget accuracy after every step and stop at a threshold; at the end of each
+   epoch keep the model if that accuracy improved, else roll model and optimiser back to the
+   epoch's start and escalate sigma and k together along a schedule.
+
+What we measured on the 32-px ModifiedResNet dev champion (val split, 8 shapes), and how we deviate.
+Every deviation is a config field whose comment says "ours"; the paper's values still fit them.
+
+1. *Why the naive version did not transfer.* From white noise the model reaches the acceptance
+   probability within ~5 steps: the "synthetic circles" are adversarial noise, forgetting them
+   leaves real circles untouched (calibration.md: synthetic 10 %, real 94-97 %). Growing every image
+   for at least 200 steps from smooth noise, scored through random zoom and brightness/contrast
+   jitter, with a stronger blur (``SynthesisConfig`` defaults) yields soft coloured blobs of the
+   class's outline; their accuracy then tracks real accuracy closely along a run (e.g. synthetic
+   0.06 / real 0.05, synthetic 0.0 / real 0.0-0.02).
+2. *Only the text tower forgets selectively here.* Visual updates (the reference's attention-pool
+   tensors, or any conv/BN tensor) lowered other classes' accuracy before the target's; the
+   image term pulls *clean* images towards noise, which on this data is not class-specific, and
+   with e_x~ detached it chases a moving anchor (K rose under minimisation). So ``k_visual`` is
+   0 at every level: the image term is still in K, but only text tensors are updated.
+3. *Noise must actually erase the class.* The model still sees the class in noisy images up to
+   sigma ~ 1 (normalised units), so the schedule starts where it stops seeing it: sigma 2, 3, 4.
+4. *Anchor.* Pulling the target prompt towards noise drags every prompt along (retain and held-out
+   probes fell, e.g. size -2.8 pt). A data-free anchor keeps the other classes' prompts and
+   prompts built from random vocabulary words where they were (``anchor_weight``,
+   :func:`anchor_prompts`); the paper has none.
+5. *Stop rule.* Stop on synthetic images held out of the loss (``stop_set="heldout"``) once none is
+   classified as the target *and* their mean target probability is <= 1 %: accuracy 0 alone
+   stopped with 1-3 % of real images left.
+6. *Budget.* lr 1e-3 (5e-5 moved nothing in 40 steps), 10 steps per epoch (one step per epoch,
+   the paper's 64 images / batch 64, never changed accuracy and rolled back every epoch), 4 noise
+   draws instead of 25, k_text 8/12/16 of 48 tensors (fewer tensors, fewer side effects).
+
+Measured with the defaults (dev champion, test split, seed 0; forget %, then drops in points of
+retain / colour / size / colour x shape, negative = better): square 1.3 (-0.1/0/-1.0/0.7), triangle
+0.5 (-0.8/0/-1.7/0.4), star 0.3 (-0.6/-0.1/0/0.9), heart 0.0 (-0.8/0/-1.4/1.2), arrow 0.0
+(0.4/0/-0.8/4.5: "a photo of a red triangle." moves with "arrow"). Circle (31.5), cross (20.8)
+and crescent (70.1) are *not* forgotten: the embedding of noise is itself close to them (noise is
+classified "crescent"), so pulling their prompt towards noise cannot take it far from their
+images; retain and probes stay within ~1 pt (size -2 pt, better). 26-32 s of one CPU thread per
+forgotten class, synthesis ~12 s of it; ~55 s when the step budget runs out.
+Real images are used only when asked: ``use_real_forget`` or ``stop_set="forget_val"``.
 """
 
 from __future__ import annotations
@@ -30,7 +63,7 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from unlearning.methods.base import ForgetTarget, LabelledImages, MethodConfig, MethodResult, ProgressFn, UnlearningData, register
 from unlearning.metrics import encode_images, prepare_images, zero_shot_classifier
@@ -50,13 +83,13 @@ class LipschitzConfig(MethodConfig):
     eps: float = 1e-6
     weight_decay: float = 0.2
     batch_size: int = 64
-    max_steps: int = 150  # ours: a step budget on top of max_epochs
+    max_steps: int = 100  # ours: a step budget on top of max_epochs
     max_epochs: int = 30
-    steps_per_epoch: int = 10  # ours; paper 1 (64 images in batches of 64)
+    steps_per_epoch: int = Field(10, ge=1)  # ours; paper 1 (64 images in batches of 64)
     n_noise: int = 4  # ours; paper 25 (README run)
     sigma_schedule: list[float] = Field(default_factory=lambda: [2.0, 3.0, 4.0])  # ours; paper 0.1 ... 2
     k_visual_schedule: list[int] = Field(default_factory=lambda: [0, 0, 0])  # ours; paper (RN50) 5, 7, 10, ...
-    k_text_schedule: list[int] = Field(default_factory=lambda: [24, 32, 40])  # ours; paper (RN50) 5, 7, 12, ...
+    k_text_schedule: list[int] = Field(default_factory=lambda: [8, 12, 16])  # ours; paper (RN50) 5, 7, 12, ...
     frozen_visual: list[str] | None = None  # substrings of visual names never updated; None: RN_FROZEN for a ResNet
     normalize_features: bool = False  # the paper compares raw projected features
     anchor_weight: float = 1.0  # ours; 0 = paper: keep other prompts' embeddings in place (see anchor_prompts)
@@ -67,6 +100,14 @@ class LipschitzConfig(MethodConfig):
     n_stop_images: int = 32  # synthetic images held out of the loss for the stop rule
     use_real_forget: bool = False  # use data.forget (real images) instead of synthesising
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+
+    @model_validator(mode="after")
+    def _schedules_match(self) -> "LipschitzConfig":
+        lengths = {len(self.sigma_schedule), len(self.k_visual_schedule), len(self.k_text_schedule)}
+        if len(lengths) != 1 or not self.sigma_schedule:
+            raise ValueError("sigma_schedule, k_visual_schedule and k_text_schedule must be non-empty and equally long "
+                             "(one escalation level per entry)")
+        return self
 
 
 def perturb(model: torch.nn.Module, x: torch.Tensor, sigma: float, n_noise: int,
@@ -224,7 +265,7 @@ def run(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: Unlearnin
         data: ``classnames``, ``forget_index`` and the training ``templates``. Real ``forget`` images
             are used only with ``use_real_forget``, real ``forget_val`` only with ``stop_set="forget_val"``.
         config: :class:`LipschitzConfig`.
-        original: unused (the starting weights are copied here for the anchor).
+        original: unused (the anchor's reference embeddings are computed here, before any step).
         progress: called with every history row.
 
     Returns:
@@ -272,10 +313,8 @@ def run(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: Unlearnin
                 with torch.no_grad():
                     anchors.append((tokens, F.normalize(model.encode_text(tokens), dim=-1)))
     towers = tower_parameters(model, config.frozen_visual)
-    trainable = {id(p) for params in towers.values() for p in params.values()}
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():  # no gradient work for tensors the mask could never keep
-        p.requires_grad_(id(p) in trainable)
+    model.requires_grad_(False)  # gradients only for the mask's candidates, set per level below
     optimizer = torch.optim.Adam([p for params in towers.values() for p in params.values()], lr=config.lr,
                                  betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
@@ -293,7 +332,7 @@ def run(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: Unlearnin
         epoch_start = snapshot(model, optimizer)
         sigma = config.sigma_schedule[level]
         k = {"visual": config.k_visual_schedule[level], "text": config.k_text_schedule[level]}
-        for tower, params in towers.items():  # a tower with k = 0 needs no backward pass at all
+        for tower, params in towers.items():  # a tower with k = 0 needs no backward pass
             for p in params.values():
                 p.requires_grad_(k[tower] > 0)
         for _ in range(config.steps_per_epoch):
