@@ -39,8 +39,10 @@ CACHE = Path(os.environ.get("ERASURE_TEST_CACHE", REPO / ".erasure" / "test-cach
 
 SMALL_WORLD = WorldSpec(n_train=16000, val_per_subgroup=4, test_per_subgroup=8, seed=7)
 # ~2 minutes on 2 idle cores; enough for a model that knows its shapes (~75-80 %), so that
-# forgetting one and keeping the others is a real test.
-SMALL_TRAIN = TrainConfig(steps=800, batch_size=128, lr=2e-3, warmup_steps=60, seed=0)
+# forgetting one and keeping the others is a real test. Floating-point results differ between
+# machines, so the CI machine trains a slightly different model than a laptop does: method tests
+# must hold for any such model. ERASURE_TEST_SEED trains another one to check that they do.
+SMALL_TRAIN = TrainConfig(steps=800, batch_size=128, lr=2e-3, warmup_steps=60, seed=int(os.environ.get("ERASURE_TEST_SEED", "0")))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -14,9 +14,10 @@ from unlearning.methods import ForgetTarget, run_method
 from unlearning.methods.cliperase import cliperase_terms
 from unlearning.metrics import encode_images, encode_texts
 
-# lr 3e-5: on the 800-step test model, 1e-5 does not forget within 40 steps (measured in a fresh-clone run);
-# 3e-5 took circle from 91.7 % to 6.2 % with retain -4.4 pt (same model, same budget).
-FAST = {"max_steps": 40, "lr": 3e-5, "stop_forget_accuracy": 0.05, "stop_forget_recall": 0.05}
+# The stop rule ends a run as soon as the held-out forget images are forgotten; the step ceiling is
+# generous because test models trained on different machines forget at different speeds (a CI
+# machine's model needed more than the 40 steps that sufficed here).
+FAST = {"max_steps": 200, "lr": 3e-5, "stop_forget_accuracy": 0.05, "stop_forget_recall": 0.05}
 
 
 def _pairs(records, images, n=16):
@@ -80,7 +81,10 @@ def test_cliperase_erases_an_association_and_keeps_other_captions(trained_bundle
     before = evaluate(model, tokenizer, eval_set, [target]).metrics
     data = build_unlearning_data(target, small_records["train"] + small_records["val"], 32, max_retain=1024)
 
-    run_method("cliperase", model, tokenizer, target, data, FAST, original=copy.deepcopy(model).requires_grad_(False))
+    # Ranks among ~100 captions flip late (measured: nothing moves for ~25 steps), so this test
+    # affords more, smaller steps than the class test.
+    config = {**FAST, "lr": 1e-4, "batch_size": 32, "forget_batch_size": 16}
+    run_method("cliperase", model, tokenizer, target, data, config, original=copy.deepcopy(model).requires_grad_(False))
 
     after = evaluate(model, tokenizer, eval_set, [target]).metrics
     assert after["forget_accuracy"] <= 0.5 * before["forget_accuracy"]

@@ -64,7 +64,7 @@ def test_relearning_brings_back_a_class_removed_by_gradient_ascent(trained_bundl
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     target, data = class_data
     original = trained_bundle.copy().model.requires_grad_(False)
-    run_method("gradient_ascent", model, tokenizer, target, data, {"max_steps": 30, "stop_forget_accuracy": 0.0})
+    run_method("gradient_ascent", model, tokenizer, target, data, {"max_steps": 120, "stop_forget_accuracy": 0.0})
 
     result = relearn_test(model, original, tokenizer, target, data, steps=8, lr=1e-4)
 

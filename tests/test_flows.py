@@ -18,7 +18,9 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 # Lenient gates: the test model is small and trained for seconds, so it has less to keep.
 GATES = {"max_forget_accuracy": 0.10, "max_retain_drop": 0.10, "max_heldout_drop": 0.10}
-FAST = {"max_steps": 40, "lr": 3e-5}  # forgets a circle in ~20 steps on the test model
+# The stop rule ends the run once circles are forgotten (~20 steps here); the ceiling is generous
+# because models trained on other machines forget at other speeds.
+FAST = {"max_steps": 200, "lr": 3e-5}
 
 
 def request(request_id: str, **overrides) -> dict:

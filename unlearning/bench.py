@@ -24,7 +24,7 @@ from unlearning.erasure_data import build_unlearning_data
 from unlearning.evaluation import EvalSet, evaluate
 from unlearning.methods import get_method, run_method
 from unlearning.methods.base import ForgetTarget
-from unlearning.models import load_model
+from unlearning.models import load_model, pick_device
 
 PAPER_METHODS = ("lipschitz", "three_stage", "cliperase")
 BASELINES = ("gradient_ascent", "graddiff", "finetune")
@@ -55,9 +55,9 @@ def _headline(metrics: dict) -> dict:
 
 
 def run_one(model_dir: str, reference: Sequence[Record], eval_set: EvalSet, case: Case, method: str, seed: int,
-            before: dict, relearn: bool = True) -> dict:
+            before: dict, relearn: bool = True, device: str | None = None) -> dict:
     """One method on one case from the original weights; returns the benchmark row."""
-    bundle = load_model(f"local-dir:{model_dir}", device="cpu")
+    bundle = load_model(f"local-dir:{model_dir}", device=str(pick_device(device)))
     original = bundle.copy().model.requires_grad_(False)
     data = build_unlearning_data(case.target, reference, bundle.image_size, seed=seed)
     started = time.perf_counter()
@@ -124,7 +124,7 @@ def markdown(summary: list[dict], meta: dict) -> str:
             return "–"
         return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
-    lines = [f"Model `{meta['model']}`, {meta['n_runs']} runs, seeds {meta['seeds']}, test split, {meta['threads']} CPU threads. "
+    lines = [f"Model `{meta['model']}`, {meta['n_runs']} runs, seeds {meta['seeds']}, test split, on {meta.get('device', 'cpu')}. "
              "Accuracies in %, drops in points (before − after; negative = improved), mean ± spread over targets × seeds.", "",
              "| kind | method | forget acc | retain drop | sibling drop | held-out drop | forget R@5 | retain R@5 drop | MIA AUC | relearn acc (original) | harmonic | s | steps |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -135,17 +135,49 @@ def markdown(summary: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _device_name(device: str | None) -> str:
+    picked = pick_device(device)
+    return torch.cuda.get_device_name(picked) if picked.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def write_report(out: Path, rows: list[dict], meta: dict) -> dict:
+    """Summarise ``rows`` and write ``bench.json`` and ``bench.md`` into ``out``."""
+    summary = summarise(rows)
+    meta = {**meta, "n_runs": len(rows)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    (out / "bench.md").write_text(markdown(summary, meta))
+    return {"meta": meta, "summary": summary, "rows": rows}
+
+
+def merge(parts: Sequence[Path], out: Path) -> dict:
+    """Join the ``bench.json`` files of benchmark shards (e.g. one process per method) into one report."""
+    rows, metas = [], []
+    for part in parts:
+        content = json.loads(Path(part).read_text())
+        rows += content["rows"]
+        metas.append(content.get("meta", {}))
+    complete = [m for m in metas if m]  # a shard cut off early wrote its rows but no meta
+    first = complete[0] if complete else {}
+    meta = {"model": first.get("model", "?"), "seeds": sorted({r["seed"] for r in rows}), "device": first.get("device", "?"),
+            "methods": sorted({r["method"] for r in rows}), "errors": [e for m in complete for e in m.get("errors", [])],
+            "shards": len(parts), "complete_shards": len(complete)}
+    return write_report(out, rows, meta)
+
+
 def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1),
               classes: Sequence[str] | None = None, kinds: Sequence[str] = ("class", "subgroup", "association"),
-              progress: bool = True) -> dict:
-    """Run the benchmark and write ``bench.json`` and ``bench.md`` into ``out``."""
+              progress: bool = True, device: str | None = None) -> dict:
+    """Run the benchmark and write ``bench.json`` and ``bench.md`` into ``out``.
+
+    ``device``: where each run trains and is evaluated (default: CUDA when present, else CPU)."""
     from unlearning.bootstrap import world_eval_set
 
     out.mkdir(parents=True, exist_ok=True)
     reference = read_manifest(manifest)
     eval_set = world_eval_set(Path(manifest), "test")
     methods = list(methods or [*PAPER_METHODS, *BASELINES])
-    original = load_model(f"local-dir:{model_dir}", device="cpu")
+    original = load_model(f"local-dir:{model_dir}", device=str(pick_device(device)))
     rows, errors = [], []
     for case in [c for c in default_cases(reference, classes) if c.kind in kinds]:
         before = evaluate(original.model, original.tokenizer, eval_set, [case.target]).metrics
@@ -154,7 +186,7 @@ def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] |
                 continue
             for seed in seeds:
                 try:
-                    row = run_one(model_dir, reference, eval_set, case, method, seed, before)
+                    row = run_one(model_dir, reference, eval_set, case, method, seed, before, device=device)
                 except Exception as exc:  # one broken run must not lose the others; it is reported
                     errors.append({"kind": case.kind, "target": case.target.name, "method": method, "seed": seed, "error": repr(exc)})
                     print(f"[bench] {case.target.name} {method} seed {seed}: FAILED {exc!r}", flush=True)
@@ -165,12 +197,9 @@ def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] |
                           f"{100 * row['after'].get('forget_accuracy', float('nan')):5.1f} %  retain "
                           f"{100 * row['after'].get('retain_accuracy', float('nan')):5.1f} %  {row['seconds']:5.1f} s", flush=True)
                 (out / "bench.json").write_text(json.dumps({"rows": rows}, indent=1))  # partial results survive a crash
-    summary = summarise(rows)
-    meta = {"model": model_dir, "n_runs": len(rows), "seeds": list(seeds), "threads": torch.get_num_threads(), "methods": methods,
-            "errors": errors}
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
-    (out / "bench.md").write_text(markdown(summary, meta))
-    return {"meta": meta, "summary": summary, "rows": rows}
+    meta = {"model": model_dir, "seeds": list(seeds), "threads": torch.get_num_threads(), "methods": methods,
+            "errors": errors, "device": _device_name(device)}
+    return write_report(out, rows, meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     parser.add_argument("--classes", nargs="*")
     parser.add_argument("--kinds", nargs="*", default=["class", "subgroup", "association"])
+    parser.add_argument("--device", help="cuda, cpu, ... (default: CUDA when present)")
     args = parser.parse_args(argv)
-    run_bench(args.model, args.manifest, Path(args.out), args.methods, args.seeds, args.classes, args.kinds)
+    run_bench(args.model, args.manifest, Path(args.out), args.methods, args.seeds, args.classes, args.kinds, device=args.device)
     return 0
 
 
