@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -191,8 +192,16 @@ def cmd_demo(args) -> int:
         return 0
     request = {"request_id": f"demo-{shape}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}", "requester": "demo@clip-erasure",
                "target": {"kind": "class", "class_name": shape}, "method": args.method}
+    started = time.perf_counter()
     report = erasure_flow(request)
+    wall = time.perf_counter() - started
     print_table(report, report.get("per_class_before"), report.get("per_class_after"))
+    timings = report.get("timings") or {}
+    compute = timings.get("unlearn_s", 0.0) + timings.get("evaluate_s", 0.0)
+    data = timings.get("load_champion_s", 0.0) + timings.get("data_and_validation_s", 0.0)
+    _console().print(f"erasure wall time {wall:.0f} s = compute {compute:.0f} s (unlearning {timings.get('unlearn_s', 0):.0f} s, "
+                     f"evaluation {timings.get('evaluate_s', 0):.0f} s) + data & validation {data:.0f} s "
+                     f"+ orchestration {wall - compute - data:.0f} s (Prefect, MLflow, plots, registration)")
     _console().print(f"bootstrap: {'reused champion v' + boot['version'] if boot.get('skipped') else 'trained v' + boot['version']}")
     _console().print(f"erasure of '{shape}': [bold]{report['status']}[/bold] (model version {report.get('model_version')}, "
                      f"method {report['method']}); forget {100 * report['after'].get('forget_accuracy', float('nan')):.1f} %, "

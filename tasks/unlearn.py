@@ -50,6 +50,7 @@ class Attempt:
     seconds: float
     summary: dict = field(default_factory=dict)
     run_id: str | None = None
+    evaluate_seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -98,7 +99,9 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
         result = run_method(method, candidate.model, candidate.tokenizer, target, data, config_model, original=original, progress=progress)
         seconds = time.perf_counter() - started
         candidate.model = result.model
+        evaluated = time.perf_counter()
         after = evaluate(candidate.model, candidate.tokenizer, eval_set, all_targets, members=members)
+        evaluate_seconds = time.perf_counter() - evaluated
         gates = check_gates(before.metrics, after.metrics, **thresholds)
         _log_history(result.history)
         mlflow.log_metrics({f"after.{k.replace('@', '_at_')}": v for k, v in after.metrics.items()})
@@ -115,4 +118,4 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
         mlflow.set_tag("erasure.gates_passed", str(all(g.passed for g in gates)).lower())
         logger.info("%s: forget %.2f %% retain %.2f %% in %.1f s — gates %s", method, 100 * after.metrics.get("forget_accuracy", float("nan")),
                     100 * after.metrics.get("retain_accuracy", float("nan")), seconds, "pass" if all(g.passed for g in gates) else "FAIL")
-        return Attempt(method, candidate, after, gates, seconds, result.summary, run.info.run_id)
+        return Attempt(method, candidate, after, gates, seconds, result.summary, run.info.run_id, evaluate_seconds)

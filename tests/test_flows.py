@@ -43,6 +43,7 @@ def test_happy_path_promotes_and_records_everything(store):
     assert report["status"] == "promoted", report["gates"]
     assert aliases(store) == {"champion": report["model_version"], "previous": "1"}
     assert report["after"]["forget_accuracy"] <= GATES["max_forget_accuracy"]
+    assert report["timings"]["unlearn_s"] > 0 and report["timings"]["evaluate_s"] > 0
 
     version = MlflowClient().get_model_version(store.model_name, report["model_version"])
     assert json.loads(version.tags["erasure.targets"]) == [{"kind": "class", "class_name": "circle"}]
