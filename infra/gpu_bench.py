@@ -31,7 +31,7 @@ from unlearning.world import WorldSpec, generate_world  # noqa: E402
 GROUPS = {"classes": ["class"], "others": ["subgroup", "association"]}
 
 
-def smoke(model_dir: str, manifest: Path, device: str) -> bool:
+def smoke(model_dir: str, manifest: Path, device: str, methods) -> bool:
     """Two steps of every method on ``device``: a device bug shows here in seconds, not after the budget."""
     from unlearning.data import read_manifest
     from unlearning.erasure_data import build_unlearning_data
@@ -40,7 +40,7 @@ def smoke(model_dir: str, manifest: Path, device: str) -> bool:
 
     reference = read_manifest(manifest)
     ok = True
-    for method in (*PAPER_METHODS, *BASELINES):
+    for method in methods:
         for target in (ForgetTarget(kind="class", class_name="circle"),
                        ForgetTarget(kind="subgroup", class_name="circle", attribute="colour", value="red")):
             bundle = load_model(f"local-dir:{model_dir}", device=device)
@@ -69,23 +69,30 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=420, help="time limit for the benchmark shards")
     parser.add_argument("--seeds", nargs="*", default=["0", "1"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="*", default=[*PAPER_METHODS, *BASELINES])
+    parser.add_argument("--per-class", action="store_true", help="one shard per class instead of one for all classes")
     args = parser.parse_args()
 
     started = time.perf_counter()
     manifest = generate_world(args.world, WorldSpec(n_train=args.n_train), progress=False)
     print(f"[world] {manifest} in {time.perf_counter() - started:.0f} s", flush=True)
-    if not smoke(args.model, manifest, args.device):
+    if not smoke(args.model, manifest, args.device, args.methods):
         return 1
 
     shards, procs = [], []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(args.out / "shards.log", "w")
-    for method in (*PAPER_METHODS, *BASELINES):
-        for group, kinds in GROUPS.items():
+    groups = dict(GROUPS)
+    if args.per_class:  # one shard per class: more parallel processes for a short method list
+        from unlearning.world import SHAPES
+
+        groups = {**{shape: ["class", "--classes", shape] for shape in SHAPES}, "others": GROUPS["others"]}
+    for method in args.methods:
+        for group, kinds in groups.items():
             shard = Path(f"/tmp/bench-shards/{method}-{group}")
             shards.append(shard)
             cmd = [sys.executable, "-m", "unlearning.bench", "--model", args.model, "--manifest", str(manifest), "--out", str(shard),
-                   "--methods", method, "--kinds", *kinds, "--seeds", *args.seeds, "--device", args.device]
+                   "--methods", method, "--seeds", *args.seeds, "--device", args.device, "--kinds", *kinds]
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.perf_counter() + args.seconds
     for proc in procs:

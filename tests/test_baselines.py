@@ -76,6 +76,16 @@ def test_the_loop_checks_the_stop_rule_every_eval_every_steps():
     assert [row["step"] for row in history if "forget_accuracy" in row] == [0, 3, 6]
 
 
+def test_overshoot_keeps_going_for_a_share_of_the_steps_taken_once_the_rule_holds():
+    weight = torch.nn.Parameter(torch.ones(1))
+    scores = iter([1.0, 0.8, 0.6, 0.4, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+    history = optimise([weight], lambda: (weight.sum(), {}), BudgetConfig(max_steps=10, overshoot=0.5), score=lambda: next(scores))
+
+    # the rule holds after step 4; half of 4 more steps follow
+    assert [row["step"] for row in history] == list(range(7))
+
+
 def test_every_method_declares_the_shared_budget_fields():
     for name in ("gradient_ascent", "graddiff", "finetune", "cliperase", "three_stage"):
         fields = get_method(name).config_cls.model_fields

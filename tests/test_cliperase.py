@@ -36,6 +36,21 @@ def test_consistency_kl_is_zero_when_the_model_is_its_own_teacher(trained_bundle
     assert float(cliperase_terms(model, teacher, tokenizer, images, texts, is_forget)["consistency"]) > 1e-4
 
 
+def test_forget_consistency_is_zero_for_the_teacher_itself_and_grows_when_the_forget_images_move(trained_bundle, small_records, test_images):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    images, texts = _pairs(small_records["test"], test_images)
+    is_forget = torch.arange(len(images)) < 4
+    teacher = copy.deepcopy(model)
+    assert "forget_consistency" not in cliperase_terms(model, teacher, tokenizer, images, texts, is_forget)
+    terms = cliperase_terms(model, teacher, tokenizer, images, texts, is_forget, forget_consistency=True)
+    assert float(terms["forget_consistency"]) == pytest.approx(0.0, abs=1e-6)
+
+    with torch.no_grad():  # move the image tower only: the forget images' ranking of the retain texts changes
+        model.visual.attnpool.c_proj.weight.add_(0.05 * torch.randn_like(model.visual.attnpool.c_proj.weight))
+    terms = cliperase_terms(model, teacher, tokenizer, images, texts, is_forget, forget_consistency=True)
+    assert float(terms["forget_consistency"]) > 1e-4
+
+
 def test_forgetting_term_is_the_mean_dot_product_of_forget_pairs(trained_bundle, small_records, test_images):
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     images, texts = _pairs(small_records["test"], test_images)

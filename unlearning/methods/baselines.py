@@ -21,6 +21,7 @@ The baselines (methods.md section 4):
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -57,6 +58,10 @@ class BudgetConfig(MethodConfig):
     # other attribute value), the retained knowledge most at risk (CLIPErase on the dev champion,
     # forgetting "red circle": siblings -9 pt without, -0.7 pt with half the batch).
     sibling_share: float = 0.5
+    # Keep going after the stop rule first holds, for this fraction of the steps taken so far: the
+    # stop set is small, and forgetting exactly it does not carry over to unseen images (CLIPErase
+    # on "red circle": val 0 % at the stop, test 7.8-14 %).
+    overshoot: float = 0.0
 
 
 def updatable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -153,6 +158,8 @@ def optimise(params: list[torch.nn.Parameter], loss_fn: LossFn, config: MethodCo
         log({"step": first_step, "forget_accuracy": score()})
         if history[-1]["forget_accuracy"] <= threshold:
             return history
+    overshoot = getattr(config, "overshoot", 0.0)
+    stop_at = None  # the step to stop at, once the stop rule has held
     for step in range(1, steps + 1):
         loss, terms = loss_fn()
         optimizer.zero_grad(set_to_none=True)
@@ -165,7 +172,9 @@ def optimise(params: list[torch.nn.Parameter], loss_fn: LossFn, config: MethodCo
         if checking:
             row["forget_accuracy"] = score()
         log(row)
-        if checking and row["forget_accuracy"] <= threshold:
+        if checking and row["forget_accuracy"] <= threshold and stop_at is None:
+            stop_at = step + math.ceil(overshoot * step)
+        if stop_at is not None and step >= stop_at:
             break
     return history
 
@@ -175,7 +184,7 @@ def run_summary(history: list[dict], threshold: float, started: float) -> dict:
     scores = [row["forget_accuracy"] for row in history if "forget_accuracy" in row]
     final = scores[-1] if scores else float("nan")
     return {"steps": sum(1 for row in history if "loss" in row), "forget_accuracy": final,
-            "stopped": bool(scores) and final <= threshold, "seconds": round(time.perf_counter() - started, 3)}
+            "stopped": bool(scores) and min(scores) <= threshold, "seconds": round(time.perf_counter() - started, 3)}
 
 
 def _ascent_loss(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: UnlearningData, size: int,

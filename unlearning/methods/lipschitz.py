@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from unlearning.methods.base import ForgetTarget, LabelledImages, MethodConfig, MethodResult, ProgressFn, UnlearningData, register
+from unlearning.methods.common import anchor_prompts, text_drift
 from unlearning.metrics import encode_images, prepare_images, zero_shot_classifier
 from unlearning.models import state_copy
 from unlearning.synthetic import SynthesisConfig, synthesize
@@ -201,44 +202,6 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: tup
     optimizer.load_state_dict(copy.deepcopy(saved[1]))  # load_state_dict may alias the tensors it is given
 
 
-def anchor_prompts(tokenizer, classnames: Sequence[str], index: int, templates: Sequence[str], n_random: int,
-                   generator: torch.Generator) -> tuple[list[str], list[str]]:
-    """Texts whose embeddings the anchor keeps in place: every other class in every template, and the
-    templates filled with random words of the tokenizer's vocabulary, alone or in front of another
-    class ("a picture of a <word> square."). The random words are a data-free stand-in for
-    everything else the text tower knows: without them, prompts such as "a photo of a small shape."
-    or "a photo of a red triangle." moved with the target (measured on the dev champion).
-
-    Args:
-        tokenizer: the model's tokenizer; random words need its ``decode`` (skipped without one).
-        classnames, index: the zero-shot classes and the target's index (left out).
-        templates: the training templates.
-        n_random: how many random-word prompts.
-        generator: picks the words.
-
-    Returns:
-        (other-class prompts, random-word prompts).
-    """
-    others = [c for i, c in enumerate(classnames) if i != index]
-    classes = [t.format(c) for c in others for t in templates]
-    if not n_random or not hasattr(tokenizer, "decode"):
-        return classes, []
-    vocab = getattr(tokenizer, "vocab_size", None) or len(getattr(tokenizer, "encoder", {})) or 49408
-    ids = torch.randint(0, vocab - 2, (n_random,), generator=generator).tolist()  # the last two are start/end tokens
-    target = classnames[index].lower()
-    prompts = []
-    for j, i in enumerate(ids):
-        word = tokenizer.decode([i]).strip()
-        if word and word.lower() not in target:
-            slot = f"{word} {others[j // 2 % len(others)]}" if j % 2 and others else word
-            prompts.append(templates[j % len(templates)].format(slot))
-    return classes, prompts
-
-
-def _drift(model: torch.nn.Module, tokens: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    return (F.normalize(model.encode_text(tokens), dim=-1) - anchor).pow(2).sum(dim=-1).mean()
-
-
 def _labelled(images: torch.Tensor, index: int, name: str) -> LabelledImages:
     return LabelledImages(images, [name] * len(images), torch.full((len(images),), index, dtype=torch.long))
 
@@ -342,7 +305,7 @@ def run(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: Unlearnin
             optimizer.zero_grad(set_to_none=True)
             loss = lipschitz_loss(model, text_tokens, x, x_noisy, e_noisy, config.normalize_features)
             for tokens, anchor in anchors:
-                loss = loss + config.anchor_weight * _drift(model, tokens, anchor)
+                loss = loss + config.anchor_weight * text_drift(model, tokens, anchor)
             loss.backward()
             kept = keep_top_k(towers, k)
             optimizer.step()
