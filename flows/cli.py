@@ -227,7 +227,7 @@ def cmd_bench(args) -> int:
     folder = registry.download_version(settings.model_name, "1", Path(tempfile.mkdtemp(prefix="bench-champion-")))
     manifest = settings.reference_manifest or settings.world_dir / "manifest.jsonl"
     out = Path(args.out)
-    result = run_bench(str(folder), str(manifest), out, args.methods, args.seeds, args.classes, args.kinds)
+    result = run_bench(str(folder), str(manifest), out, args.methods, args.seeds, args.classes, args.kinds, device=settings.device)
     bench_plot(result["summary"]).savefig(out / "bench.png", dpi=120)
     print((out / "bench.md").read_text())
     _console().print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
