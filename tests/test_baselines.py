@@ -100,7 +100,8 @@ def test_gradient_ascent_on_an_association_lowers_forget_recall(trained_bundle, 
     data = build_unlearning_data(target, small_records["train"] + small_records["val"], 32, max_retain=256)
     before = evaluate(model, tokenizer, eval_set, [target]).metrics
 
-    result = run_method("gradient_ascent", model, tokenizer, target, data, {"max_steps": 20, "stop_forget_recall": 0.1})
+    # lr 1e-4 and a generous ceiling: at the default lr a fresh-clone test model kept R@5 at 100 % for 20 steps.
+    result = run_method("gradient_ascent", model, tokenizer, target, data, {"max_steps": 100, "lr": 1e-4, "stop_forget_recall": 0.5})
     after = evaluate(model, tokenizer, eval_set, [target]).metrics
     assert after["forget_accuracy"] < before["forget_accuracy"]
-    assert result.summary["steps"] <= 20
+    assert result.summary["stopped"] and result.summary["steps"] < 100

