@@ -16,6 +16,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -28,7 +29,8 @@ sys.path.insert(0, str(REPO))
 from unlearning.bench import BASELINES, PAPER_METHODS, merge  # noqa: E402
 from unlearning.world import WorldSpec, generate_world  # noqa: E402
 
-GROUPS = {"classes": ["class"], "others": ["subgroup", "association"]}
+# Shard name -> the case arguments of its `python -m unlearning.bench` process.
+GROUPS = {"classes": ["--kinds", "class"], "others": ["--kinds", "subgroup", "association"]}
 
 
 def smoke(model_dir: str, manifest: Path, device: str, methods) -> bool:
@@ -81,18 +83,20 @@ def main() -> int:
 
     shards, procs = [], []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "shards.log", "w")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-shards-"))  # fresh: never merge an earlier run's shards
     groups = dict(GROUPS)
     if args.per_class:  # one shard per class: more parallel processes for a short method list
         from unlearning.world import SHAPES
 
-        groups = {**{shape: ["class", "--classes", shape] for shape in SHAPES}, "others": GROUPS["others"]}
+        groups = {**{shape: ["--kinds", "class", "--classes", shape] for shape in SHAPES}, "others": GROUPS["others"]}
     for method in args.methods:
-        for group, kinds in groups.items():
-            shard = Path(f"/tmp/bench-shards/{method}-{group}")
+        for group, case_args in groups.items():
+            shard = workdir / f"{method}-{group}"
             shards.append(shard)
             cmd = [sys.executable, "-m", "unlearning.bench", "--model", args.model, "--manifest", str(manifest), "--out", str(shard),
-                   "--methods", method, "--seeds", *args.seeds, "--device", args.device, "--kinds", *kinds]
+                   "--methods", method, "--seeds", *args.seeds, "--device", args.device, *case_args]
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.perf_counter() + args.seconds
     for proc in procs:
