@@ -60,7 +60,7 @@ from unlearning.methods.baselines import (
     run_summary,
     updatable_parameters,
 )
-from unlearning.methods.common import anchor_prompts, text_drift
+from unlearning.methods.common import text_anchors, text_drift
 from unlearning.metrics import prepare_images
 
 
@@ -129,9 +129,10 @@ def cliperase_terms(model: torch.nn.Module, original: torch.nn.Module, tokenizer
     image_features, text_features, scale = model(x, tokens)
     forget, retain = is_forget.to(device), ~is_forget.to(device)
     student = _in_batch_log_probs(image_features[retain], text_features[retain], scale)
-    with torch.no_grad():
-        teacher_images, teacher_texts, teacher_scale = original(x, tokens)
-        teacher = _in_batch_log_probs(teacher_images[retain], teacher_texts[retain], teacher_scale)
+    with torch.no_grad():  # the teacher encodes the forget pairs only when forget consistency needs them
+        rows = torch.ones_like(retain) if forget_consistency else retain
+        teacher_images, teacher_texts, teacher_scale = original(x[rows], tokens[rows])
+        teacher = _in_batch_log_probs(teacher_images[retain[rows]], teacher_texts[retain[rows]], teacher_scale)
     # The CLIP loss is the cross-entropy of the diagonal in both directions: read it off the same softmax.
     retention = -sum(lp.diagonal().mean() for lp in student) / 2
     forgetting = (image_features[forget] * text_features[forget]).sum(dim=-1).mean()
@@ -170,12 +171,8 @@ def cliperase(model, tokenizer, target, data, config: CLIPEraseConfig, original=
 
     anchors = []
     if config.anchor_weight and target.kind != "association" and data.forget_index is not None:
-        device = next(model.parameters()).device
-        for prompts in anchor_prompts(tokenizer, data.classnames, data.forget_index, data.templates, config.anchor_random_words, generator):
-            if prompts:
-                tokens = tokenizer(prompts).to(device)
-                with torch.no_grad():
-                    anchors.append((tokens, F.normalize(original.encode_text(tokens), dim=-1)))
+        anchors = text_anchors(original, tokenizer, data.classnames, data.forget_index, data.templates, config.anchor_random_words,
+                               generator)
 
     use_forget_consistency = bool(config.forget_consistency_weight) and target.kind == "class"
 

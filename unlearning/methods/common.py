@@ -43,14 +43,6 @@ def clip_contrastive_loss(model: torch.nn.Module, tokenizer, images: torch.Tenso
     return _clip_loss(img, txt, scale.clamp(max=100))
 
 
-def in_batch_log_probs(model: torch.nn.Module, tokenizer, images: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-softmax of the in-batch similarity matrix, image->text and text->image."""
-    device = next(model.parameters()).device
-    img, txt, scale = model(prepare_images(model, images), tokenizer(list(texts)).to(device))
-    logits = scale.clamp(max=100) * img @ txt.T
-    return logits.log_softmax(dim=1), logits.T.log_softmax(dim=1)
-
-
 def sample_batch(data: LabelledImages, batch_size: int, generator: torch.Generator) -> LabelledImages:
     """A random batch (with replacement when the set is smaller than the batch)."""
     n = len(data)
@@ -71,10 +63,6 @@ def accuracy(model: torch.nn.Module, tokenizer, data: LabelledImages, classnames
     feats = encode_images(model, data.images[keep])
     predictions = (feats @ classifier.to(feats.device)).argmax(dim=-1).cpu()
     return float((predictions == data.labels[keep]).float().mean())
-
-
-def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def anchor_prompts(tokenizer, classnames: Sequence[str], index: int, templates: Sequence[str], n_random: int,
@@ -114,3 +102,17 @@ def anchor_prompts(tokenizer, classnames: Sequence[str], index: int, templates: 
 def text_drift(model: torch.nn.Module, tokens: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     """Mean squared distance of the prompts' normalised embeddings from ``anchor`` (their original ones)."""
     return (F.normalize(model.encode_text(tokens), dim=-1) - anchor).pow(2).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def text_anchors(reference: torch.nn.Module, tokenizer, classnames: Sequence[str], index: int, templates: Sequence[str],
+                 n_random: int, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tokens, normalised embeddings from reference)`` per non-empty group of :func:`anchor_prompts`,
+    for :func:`text_drift` to hold the prompts in place."""
+    device = next(reference.parameters()).device
+    anchors = []
+    for prompts in anchor_prompts(tokenizer, classnames, index, templates, n_random, generator):
+        if prompts:
+            tokens = tokenizer(prompts).to(device)
+            anchors.append((tokens, F.normalize(reference.encode_text(tokens), dim=-1)))
+    return anchors

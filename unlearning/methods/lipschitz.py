@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from unlearning.methods.base import ForgetTarget, LabelledImages, MethodConfig, MethodResult, ProgressFn, UnlearningData, register
-from unlearning.methods.common import anchor_prompts, text_drift
+from unlearning.methods.common import text_anchors, text_drift
 from unlearning.metrics import encode_images, prepare_images, zero_shot_classifier
 from unlearning.models import state_copy
 from unlearning.synthetic import SynthesisConfig, synthesize
@@ -268,13 +268,8 @@ def run(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: Unlearnin
 
     # Steps B-D: the loss, the top-k mask, and the keep-best / roll-back-and-escalate loop.
     text_tokens = tokenizer([t.format(name) for t in templates]).to(device)
-    anchors = []  # (tokens, original normalised embeddings) per anchored prompt group
-    if config.anchor_weight:
-        for prompts in anchor_prompts(tokenizer, data.classnames, index, templates, config.anchor_random_words, generator):
-            if prompts:
-                tokens = tokenizer(prompts).to(device)
-                with torch.no_grad():
-                    anchors.append((tokens, F.normalize(model.encode_text(tokens), dim=-1)))
+    anchors = (text_anchors(model, tokenizer, data.classnames, index, templates, config.anchor_random_words, generator)
+               if config.anchor_weight else [])
     towers = tower_parameters(model, config.frozen_visual)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)  # gradients only for the mask's candidates, set per level below
