@@ -62,6 +62,18 @@ def test_unknown_model_name_says_what_to_use():
         load_model("NoSuchCLIP")
 
 
+def test_a_seed_makes_the_initialisation_reproducible_and_leaves_the_global_generator_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = load_model("TinyCLIP-RN32", device="cpu", seed=5).model.state_dict()
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream is untouched
+    again = load_model("TinyCLIP-RN32", device="cpu", seed=5).model.state_dict()
+    other = load_model("TinyCLIP-RN32", device="cpu", seed=6).model.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["visual.conv1.weight"], other["visual.conv1.weight"])
+
+
 def test_tiny_vit_config_builds():
     bundle = load_model("TinyCLIP-ViT32", device="cpu")
     with torch.no_grad():

@@ -22,6 +22,18 @@ def test_a_few_steps_lower_the_contrastive_loss(small_records):
     assert not bundle.model.training  # handed back in eval mode
 
 
+def test_same_seed_trains_the_same_model(small_records):
+    """Seeded init + seeded batches: a machine retrains its test model bit for bit."""
+    train = small_records["train"][:256]
+    states = []
+    for _ in range(2):
+        bundle = load_model("TinyCLIP-RN32", device="cpu", seed=3)
+        train_clip(bundle.model, bundle.tokenizer, load_images(train, 32), [r.caption for r in train],
+                   TrainConfig(steps=3, batch_size=32, warmup_steps=1, seed=3), progress=False)
+        states.append(bundle.model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     config = TrainConfig(steps=100, lr=1e-3, warmup_steps=10)
     assert lr_at(0, config) < lr_at(9, config) == config.lr

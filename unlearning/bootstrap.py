@@ -49,7 +49,7 @@ def bootstrap_world_model(world_dir: Path, spec: WorldSpec = WorldSpec(), model_
     images = load_images(train, spec.image_size)
     seconds["data"] = time.perf_counter() - started
 
-    bundle = load_model(model_name, device=str(pick_device(device)))
+    bundle = load_model(model_name, device=str(pick_device(device)), seed=config.seed)
     started = time.perf_counter()
     history = train_clip(bundle.model, bundle.tokenizer, images, [r.caption for r in train], config, on_log=on_log, progress=progress)
     seconds["train"] = time.perf_counter() - started

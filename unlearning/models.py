@@ -81,25 +81,34 @@ def _folder_of(ref: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def create_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipBundle:
-    """A model from an open_clip config name (and optional pretrained tag)."""
+def create_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu", seed: int | None = None) -> ClipBundle:
+    """A model from an open_clip config name (and optional pretrained tag).
+
+    ``seed`` makes the random initialisation reproducible (open_clip draws it from the global torch
+    generator, which is forked so the caller's random state is left as it was)."""
     register_tiny_configs()
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ValueError(f"unknown model {name!r}: use an open_clip name (e.g. ViT-B-32), one of "
                          f"{register_tiny_configs()}, or a folder 'local-dir:/path'")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     model.eval()
     return ClipBundle(model, open_clip.get_tokenizer(name), model_cfg, _preprocess_cfg(model), source=f"{name}:{pretrained or 'random'}")
 
 
-def load_model(ref: str = DEFAULT_MODEL, device: str | torch.device | None = None) -> ClipBundle:
-    """Load a CLIP from a name, ``name:pretrained`` or a ``local-dir:`` folder (see module doc)."""
+def load_model(ref: str = DEFAULT_MODEL, device: str | torch.device | None = None, seed: int | None = None) -> ClipBundle:
+    """Load a CLIP from a name, ``name:pretrained`` or a ``local-dir:`` folder (see module doc).
+
+    ``seed`` seeds the random initialisation of a model created from a config name (no effect on
+    loaded weights)."""
     device = pick_device(str(device) if device is not None else None)
     folder = _folder_of(ref)
     if folder is None:
         name, _, tag = ref.partition(":")
-        return create_model(name, tag or None, device)
+        return create_model(name, tag or None, device, seed)
 
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_path.is_file():

@@ -105,7 +105,7 @@ def train_clip(model: torch.nn.Module, tokenizer, images: torch.Tensor, captions
             if step % config.log_every == 0 or step == config.steps - 1:
                 elapsed = time.perf_counter() - started
                 row = {"step": step, "loss": loss.item(), "lr": lr_at(step, config),
-                       "logit_scale": float(model.logit_scale.exp()), "images_per_s": (step + 1) * config.batch_size / elapsed}
+                       "logit_scale": float(model.logit_scale.detach().exp()), "images_per_s": (step + 1) * config.batch_size / elapsed}
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if on_log:
