@@ -13,7 +13,7 @@ from unlearning.methods import ForgetTarget, run_method
 from unlearning.methods.three_stage import align_to_batchnorm, distillation_kl, reminding_terms, soup
 from unlearning.models import load_model, state_copy
 
-FAST = {"max_steps": 30, "remind_steps": 8, "align_steps": 5, "align_pool": 64, "stop_forget_accuracy": 0.0}
+FAST = {"max_steps": 30, "top_k_tensors": 8, "remind_steps": 8, "align_steps": 5, "align_pool": 64, "stop_forget_accuracy": 0.0}
 # Reminding all tensors for 20 steps keeps the siblings of the weak test models (seed 0: -7.5 pt,
 # seed 1: -10 pt); reminding only the selected ones for 8 steps cost one of them 27 pt.
 REMIND_ALL = {**FAST, "remind_steps": 20, "remind_scope": "all"}
@@ -137,6 +137,6 @@ def test_only_the_fisher_selected_tensors_move_when_reminding_is_scoped_to_them(
     result = run_method("three_stage", model, tokenizer, target, data, config, original=original)
 
     selected = set(result.summary["selected_tensors"])
-    assert len(selected) == 8 and all(p.ndim >= 2 for n, p in model.named_parameters() if n in selected)
+    assert len(selected) == config["top_k_tensors"] and all(p.ndim >= 2 for n, p in model.named_parameters() if n in selected)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, dict(original.named_parameters())[n])}
     assert changed and changed <= selected
