@@ -96,6 +96,17 @@ def test_images(small_records):
     return load_images(small_records["test"], 32)
 
 
+def best_known_subgroup(model, tokenizer, records, images) -> str:
+    """The colour x shape subgroup ("blue circle") the model classifies best among the 48: weak test
+    models barely know some of them, and a drop is only measurable from a high start."""
+    from unlearning.evaluation import EvalSet, evaluate
+    from unlearning.methods import ForgetTarget
+
+    probe = ForgetTarget(kind="subgroup", class_name="circle", attribute="colour", value="red")
+    per_subgroup = evaluate(model, tokenizer, EvalSet(records, images), [probe]).confusions["subgroup:red circle"].per_class
+    return max(per_subgroup, key=per_subgroup.get)
+
+
 @pytest.fixture
 def store(mlflow_store, small_world, trained_model_dir, monkeypatch):
     """A fresh MLflow store whose champion (v1) is the small trained CLIP, with the small world
