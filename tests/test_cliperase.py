@@ -51,6 +51,24 @@ def test_forget_consistency_is_zero_for_the_teacher_itself_and_grows_when_the_fo
     assert float(terms["forget_consistency"]) > 1e-4
 
 
+def test_feature_consistency_is_the_retain_pairs_embedding_distance_from_the_teacher(trained_bundle, small_records, test_images):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    images, texts = _pairs(small_records["test"], test_images)
+    is_forget = torch.arange(len(images)) < 4
+    teacher = copy.deepcopy(model)
+    assert "feature_consistency" not in cliperase_terms(model, teacher, tokenizer, images, texts, is_forget)
+    terms = cliperase_terms(model, teacher, tokenizer, images, texts, is_forget, feature_consistency=True)
+    assert float(terms["feature_consistency"].detach()) == pytest.approx(0.0, abs=1e-6)
+
+    with torch.no_grad():  # move the text tower only: the term must equal the retain texts' squared drift
+        model.text_projection.add_(0.05 * torch.randn_like(model.text_projection))
+    terms = cliperase_terms(model, teacher, tokenizer, images, texts, is_forget, feature_consistency=True)
+    retain_texts = [t for t, f in zip(texts, is_forget) if not f]
+    drift = (encode_texts(model, tokenizer, retain_texts) - encode_texts(teacher, tokenizer, retain_texts)).square().sum(-1).mean()
+    assert float(drift) > 1e-4
+    assert float(terms["feature_consistency"].detach()) == pytest.approx(float(drift), rel=1e-3)
+
+
 def test_forgetting_term_is_the_mean_dot_product_of_forget_pairs(trained_bundle, small_records, test_images):
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     images, texts = _pairs(small_records["test"], test_images)
