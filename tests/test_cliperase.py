@@ -16,8 +16,10 @@ from unlearning.metrics import encode_images, encode_texts
 
 # The stop rule ends a run as soon as the held-out forget images are forgotten; the step ceiling is
 # generous because test models trained on different machines forget at different speeds (a CI
-# machine's model needed more than the 40 steps that sufficed here).
-FAST = {"max_steps": 200, "lr": 3e-5, "stop_forget_accuracy": 0.05, "stop_forget_recall": 0.05}
+# machine's model needed more than the 40 steps that sufficed here). lr 6e-5, twice the default:
+# with the embedding-consistency term and the text anchor on, the seed-1 test model still had
+# 17 % of its stop set left after 200 steps at 3e-5.
+FAST = {"max_steps": 200, "lr": 6e-5, "stop_forget_accuracy": 0.05, "stop_forget_recall": 0.05}
 
 
 def _pairs(records, images, n=16):
@@ -75,13 +77,13 @@ def test_forgetting_term_is_the_mean_dot_product_of_forget_pairs(trained_bundle,
     is_forget = torch.arange(len(images)) % 3 == 0
     terms = cliperase_terms(model, copy.deepcopy(model), tokenizer, images, texts, is_forget)
     expected = (encode_images(model, images[is_forget]) * encode_texts(model, tokenizer, [t for t, f in zip(texts, is_forget) if f])).sum(-1).mean()
-    assert float(terms["forgetting"]) == pytest.approx(float(expected), abs=1e-4)
+    assert float(terms["forgetting"].detach()) == pytest.approx(float(expected), abs=1e-4)
     retain = ~is_forget
     img, txt = encode_images(model, images[retain]), encode_texts(model, tokenizer, [t for t, f in zip(texts, retain) if f])
     logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
     labels = torch.arange(len(img))
     clip_loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    assert float(terms["retention"]) == pytest.approx(float(clip_loss), abs=1e-3)
+    assert float(terms["retention"].detach()) == pytest.approx(float(clip_loss.detach()), abs=1e-3)
 
 
 def _best_class(model, tokenizer, eval_set) -> str:
@@ -101,7 +103,7 @@ def test_cliperase_forgets_a_class_and_keeps_the_others(trained_bundle, small_re
 
     after = evaluate(model, tokenizer, eval_set, [target]).metrics
     assert before["forget_accuracy"] >= 0.5
-    assert result.summary["stopped"] and result.summary["forget_accuracy"] <= FAST["stop_forget_accuracy"]  # on the stop set
+    assert result.summary["stopped"] and result.summary["forget_accuracy"] <= FAST["stop_forget_accuracy"], result.summary  # on the stop set
     # Unseen test images of the class follow only partly on the weak test models: a fresh-clone
     # model went from 91.7 % to 25 % while its val stop set reached 4 % (the benchmark measures
     # the real target on the champion: 0.5 % left on average).
