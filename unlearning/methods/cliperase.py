@@ -145,7 +145,8 @@ def cliperase_terms(model: torch.nn.Module, original: torch.nn.Module, tokenizer
             retain pairs' normalised image and text embeddings from the original's (ours).
 
     Returns:
-        ``{"retention": L_RM, "forgetting": L_FM, "consistency": L_CM}`` (+ ``forget_consistency``).
+        ``{"retention": L_RM, "forgetting": L_FM, "consistency": L_CM}`` (+ ``forget_consistency``,
+        ``feature_consistency`` when asked).
     """
     device = next(model.parameters()).device
     x, tokens = prepare_images(model, images), tokenizer(list(texts)).to(device)
