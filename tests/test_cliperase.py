@@ -38,14 +38,21 @@ def test_consistency_kl_is_zero_when_the_model_is_its_own_teacher(trained_bundle
     assert float(cliperase_terms(model, teacher, tokenizer, images, texts, is_forget)["consistency"].detach()) > 1e-4
 
 
-def test_forget_consistency_is_zero_for_the_teacher_itself_and_grows_when_the_forget_images_move(trained_bundle, small_records, test_images):
+def _opt_in_term_case(term, trained_bundle, small_records, test_images):
+    """A batch whose optional ``term`` is absent unless asked for, and 0 while the model is its
+    own teacher; returns what the caller needs to move the model and compute the term again."""
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     images, texts = _pairs(small_records["test"], test_images)
     is_forget = torch.arange(len(images)) < 4
     teacher = copy.deepcopy(model)
-    assert "forget_consistency" not in cliperase_terms(model, teacher, tokenizer, images, texts, is_forget)
-    terms = cliperase_terms(model, teacher, tokenizer, images, texts, is_forget, forget_consistency=True)
-    assert float(terms["forget_consistency"].detach()) == pytest.approx(0.0, abs=1e-6)
+    assert term not in cliperase_terms(model, teacher, tokenizer, images, texts, is_forget)
+    terms = cliperase_terms(model, teacher, tokenizer, images, texts, is_forget, **{term: True})
+    assert float(terms[term].detach()) == pytest.approx(0.0, abs=1e-6)
+    return model, teacher, tokenizer, images, texts, is_forget
+
+
+def test_forget_consistency_is_zero_for_the_teacher_itself_and_grows_when_the_forget_images_move(trained_bundle, small_records, test_images):
+    model, teacher, tokenizer, images, texts, is_forget = _opt_in_term_case("forget_consistency", trained_bundle, small_records, test_images)
 
     with torch.no_grad():  # move the image tower only: the forget images' ranking of the retain texts changes
         model.visual.attnpool.c_proj.weight.add_(0.05 * torch.randn_like(model.visual.attnpool.c_proj.weight))
@@ -54,13 +61,7 @@ def test_forget_consistency_is_zero_for_the_teacher_itself_and_grows_when_the_fo
 
 
 def test_feature_consistency_is_the_retain_pairs_embedding_distance_from_the_teacher(trained_bundle, small_records, test_images):
-    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
-    images, texts = _pairs(small_records["test"], test_images)
-    is_forget = torch.arange(len(images)) < 4
-    teacher = copy.deepcopy(model)
-    assert "feature_consistency" not in cliperase_terms(model, teacher, tokenizer, images, texts, is_forget)
-    terms = cliperase_terms(model, teacher, tokenizer, images, texts, is_forget, feature_consistency=True)
-    assert float(terms["feature_consistency"].detach()) == pytest.approx(0.0, abs=1e-6)
+    model, teacher, tokenizer, images, texts, is_forget = _opt_in_term_case("feature_consistency", trained_bundle, small_records, test_images)
 
     with torch.no_grad():  # move the text tower only: the term must equal the retain texts' squared drift
         model.text_projection.add_(0.05 * torch.randn_like(model.text_projection))
