@@ -99,11 +99,10 @@ def test_images(small_records):
 def best_known_subgroup(model, tokenizer, records, images) -> str:
     """The colour x shape subgroup ("blue circle") the model classifies best among the 48: weak test
     models barely know some of them, and a drop is only measurable from a high start."""
-    from unlearning.evaluation import EvalSet, evaluate
-    from unlearning.methods import ForgetTarget
+    from unlearning.evaluation import subgroup_task
+    from unlearning.metrics import evaluate_task
 
-    probe = ForgetTarget(kind="subgroup", class_name="circle", attribute="colour", value="red")
-    per_subgroup = evaluate(model, tokenizer, EvalSet(records, images), [probe]).confusions["subgroup:red circle"].per_class
+    per_subgroup = evaluate_task(model, tokenizer, subgroup_task("colour", records), records, images).per_class
     return max(per_subgroup, key=per_subgroup.get)
 
 

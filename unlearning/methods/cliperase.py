@@ -204,6 +204,7 @@ def cliperase(model, tokenizer, target, data, config: CLIPEraseConfig, original=
                                generator)
 
     use_forget_consistency = bool(config.forget_consistency_weight) and target.kind == "class"
+    use_feature_consistency = bool(config.feature_consistency_weight)
 
     def loss_fn():
         forget_images, forget_texts = forget_batch(target, data, config.forget_batch_size, generator)
@@ -216,7 +217,7 @@ def cliperase(model, tokenizer, target, data, config: CLIPEraseConfig, original=
         is_forget = torch.cat([torch.ones(len(forget_images), dtype=torch.bool), torch.zeros(len(retain), dtype=torch.bool)])
         terms = cliperase_terms(model, original, tokenizer, torch.cat([forget_images, retain.images]),
                                 forget_texts + retain_texts, is_forget, forget_consistency=use_forget_consistency,
-                                feature_consistency=bool(config.feature_consistency_weight))
+                                feature_consistency=use_feature_consistency)
         loss = sum(weights[k] * v for k, v in terms.items())
         if anchors:
             terms["text_drift"] = sum(text_drift(model, tokens, anchor) for tokens, anchor in anchors)
