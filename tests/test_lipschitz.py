@@ -128,12 +128,11 @@ def test_rollback_restores_model_and_optimiser_bit_for_bit(trained_bundle, small
 
 def test_forgetting_the_synthetic_set_transfers_to_real_images_of_the_target(trained_bundle, small_records, test_images):
     """When lipschitz reports its held-out synthetic images forgotten, real images of the class are
-    forgotten too and the other classes are kept. Which classes it manages depends on the model (it
-    cannot forget a class that noise itself looks like; see the module docstring), so this tries the
-    classes the model knows (≥ 60 %) from the best known down, and one of them must be forgotten on
-    real images. Forgetting the synthetic set does not always transfer (on the seeded champion it
-    did for 7 of 8 shapes, docs/benchmarks.md; cross kept ~10 %),
-    so a class that is forgotten only on the synthetic set is recorded and the next one tried."""
+    forgotten too and the other classes are kept. Which classes it manages depends on the model, so
+    this tries the classes the model knows (≥ 60 %) from the best known down, and one of them must be
+    forgotten on real images. Forgetting the synthetic set does not always transfer (on the seeded
+    champion it did for 7 of 8 shapes, docs/benchmarks.md; cross kept ~10 %), so a class that is
+    forgotten only on the synthetic set is recorded and the next one tried."""
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     classnames = sorted(SHAPES)
     labels = torch.tensor([classnames.index(r.label) for r in small_records["test"]])
