@@ -131,7 +131,7 @@ def test_forgetting_the_synthetic_set_transfers_to_real_images_of_the_target(tra
     forgotten too and the other classes are kept. Which classes it manages depends on the model, so
     this tries the classes the model knows (≥ 60 %) from the best known down, and one of them must be
     forgotten on real images. Forgetting the synthetic set does not always transfer (on the seeded
-    champion it did for 7 of 8 shapes, docs/benchmarks.md; cross kept ~10 %), so a class that is
+    champion it did for every shape, with up to 2.3 % left, docs/benchmarks.md), so a class that is
     forgotten only on the synthetic set is recorded and the next one tried."""
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     classnames = sorted(SHAPES)
