@@ -27,47 +27,41 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "infra"))
 
 from gpu_bench import smoke  # noqa: E402
+from unlearning.bench import Case, run_one  # noqa: E402
 from unlearning.methods import ForgetTarget  # noqa: E402
 from unlearning.world import WorldSpec, generate_world  # noqa: E402
 
 
-def parse_target(name: str) -> ForgetTarget:
-    """"circle" -> a class target, "red circle" -> a colour subgroup of circle."""
+def parse_case(name: str) -> Case:
+    """"circle" -> a class case, "red circle" -> a colour subgroup of circle."""
     if " " in name:
         value, shape = name.split()
-        return ForgetTarget(kind="subgroup", class_name=shape, attribute="colour", value=value)
-    return ForgetTarget(kind="class", class_name=name)
+        return Case("subgroup", ForgetTarget(kind="subgroup", class_name=shape, attribute="colour", value=value))
+    return Case("class", ForgetTarget(kind="class", class_name=name))
 
 
 def worker(jobs: list[dict], model_dir: str, manifest: str, out: str, device: str, deadline: float) -> None:
+    """Run ``jobs`` one after another with :func:`unlearning.bench.run_one`, scored on the val split."""
     torch.set_num_threads(1)
     from unlearning.bootstrap import world_eval_set
     from unlearning.data import read_manifest
-    from unlearning.erasure_data import build_unlearning_data
     from unlearning.evaluation import evaluate
-    from unlearning.methods import run_method
     from unlearning.models import load_model
 
     reference, eval_set = read_manifest(Path(manifest)), world_eval_set(Path(manifest), "val")
+    original = load_model(f"local-dir:{model_dir}", device=device)
     before_by_target = {}
     for job in jobs:
         if time.time() > deadline:
             break
         try:
-            target = parse_target(job["target"])
+            case = parse_case(job["target"])
             if job["target"] not in before_by_target:
-                original = load_model(f"local-dir:{model_dir}", device=device)
-                before_by_target[job["target"]] = evaluate(original.model, original.tokenizer, eval_set, [target]).metrics
-            bundle = load_model(f"local-dir:{model_dir}", device=device)
-            data = build_unlearning_data(target, reference, bundle.image_size, seed=0)
-            started = time.perf_counter()
-            result = run_method(job["method"], bundle.model, bundle.tokenizer, target, data, job["cfg"],
-                                original=bundle.copy().model.requires_grad_(False))
-            seconds = time.perf_counter() - started
-            after = evaluate(bundle.model, bundle.tokenizer, eval_set, [target]).metrics
-            floats = lambda metrics: {k: v for k, v in metrics.items() if isinstance(v, float)}  # noqa: E731
-            row = {**job, "seconds": round(seconds, 1), "steps": result.summary.get("steps"),
-                   "before": floats(before_by_target[job["target"]]), "after": floats(after)}
+                before_by_target[job["target"]] = evaluate(original.model, original.tokenizer, eval_set, [case.target]).metrics
+            config = {k: v for k, v in job["cfg"].items() if k != "seed"}
+            row = run_one(model_dir, reference, eval_set, case, job["method"], job["cfg"].get("seed", 0),
+                          before_by_target[job["target"]], relearn=False, device=device, config=config)
+            row = {**job, **{k: v for k, v in row.items() if k != "config"}}  # the job already holds it as "cfg"
         except Exception:
             row = {**job, "error": traceback.format_exc()[-2000:]}
         with open(out, "a") as f:  # one line per write: workers append to the same file

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from unlearning.bench import harmonic, merge
+from unlearning.bench import Case, harmonic, merge, run_one
+from unlearning.evaluation import EvalSet
+from unlearning.methods import ForgetTarget
 
 
 def _row(kind, method, seed, forget, retained, before_retained=0.9, seconds=10.0):
@@ -46,3 +48,15 @@ def test_merge_joins_shards_and_summarises_per_kind_and_method(tmp_path):
     table = (tmp_path / "out" / "bench.md").read_text().splitlines()
     assert sum(line.startswith("| class | cliperase |") for line in table) == 1
     assert any(line.startswith("| subgroup | lipschitz | 10.0 ± 0.0 |") for line in table)
+
+
+def test_run_one_applies_and_records_config_overrides(trained_model_dir, small_records, test_images):
+    case = Case("class", ForgetTarget(kind="class", class_name="circle"))
+    reference = [r for split in ("train", "val", "test") for r in small_records[split]]
+    eval_set = EvalSet(small_records["test"], test_images)
+
+    row = run_one(str(trained_model_dir), reference, eval_set, case, "gradient_ascent", 0, before={}, relearn=False,
+                  config={"max_steps": 2, "stop_forget_accuracy": -1.0})
+
+    assert row["config"] == {"max_steps": 2, "stop_forget_accuracy": -1.0}
+    assert row["steps"] == 2 and row["method"] == "gradient_ascent" and "relearn" not in row  # the override ran

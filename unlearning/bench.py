@@ -55,17 +55,21 @@ def _headline(metrics: dict) -> dict:
 
 
 def run_one(model_dir: str, reference: Sequence[Record], eval_set: EvalSet, case: Case, method: str, seed: int,
-            before: dict, relearn: bool = True, device: str | None = None) -> dict:
-    """One method on one case from the original weights; returns the benchmark row."""
+            before: dict, relearn: bool = True, device: str | None = None, config: dict | None = None) -> dict:
+    """One method on one case from the original weights; returns the benchmark row.
+
+    ``config``: overrides of the method's defaults (a hyperparameter sweep); the row records them."""
     bundle = load_model(f"local-dir:{model_dir}", device=str(pick_device(device)))
     original = bundle.copy().model.requires_grad_(False)
     data = build_unlearning_data(case.target, reference, bundle.image_size, seed=seed)
     started = time.perf_counter()
-    result = run_method(method, bundle.model, bundle.tokenizer, case.target, data, {"seed": seed}, original=original)
+    result = run_method(method, bundle.model, bundle.tokenizer, case.target, data, {**(config or {}), "seed": seed}, original=original)
     seconds = time.perf_counter() - started
     after = evaluate(result.model, bundle.tokenizer, eval_set, [case.target], members=data.forget).metrics
     row = {"kind": case.kind, "target": case.target.name, "method": method, "seed": seed, "seconds": round(seconds, 2),
            "steps": result.summary.get("steps", len(result.history)), "before": _headline(before), "after": _headline(after)}
+    if config:
+        row["config"] = config
     if relearn and case.kind != "association" and data.forget is not None:
         from unlearning.evidence import relearn_test
 
