@@ -10,7 +10,7 @@ import torch
 from unlearning.erasure_data import build_unlearning_data
 from unlearning.evaluation import EvalSet, evaluate
 from unlearning.methods import ForgetTarget, run_method
-from unlearning.methods.three_stage import align_to_batchnorm, distillation_kl, reminding_terms, soup
+from unlearning.methods.three_stage import align_to_batchnorm, choose_alpha, distillation_kl, reminding_terms, soup
 from unlearning.models import load_model, state_copy
 
 from conftest import best_known_subgroup
@@ -54,6 +54,21 @@ def test_soup_interpolates_weights_and_takes_integer_buffers_from_the_heavier_si
     assert torch.equal(souped[counter], original[counter])
     assert torch.equal(soup(original, unlearned, 0.75)[counter], unlearned[counter])
     trained_bundle.model.load_state_dict(souped)  # a soup is a loadable model
+
+
+def _table(*rows):
+    return [{"alpha": a, "forget_accuracy": f, "retain_accuracy": r} for a, f, r in rows]
+
+
+def test_soup_alpha_rule_keeps_forgetting_then_maximises_retain():
+    table = _table((1.0, 0.0, 0.90), (0.9, 0.0, 0.92), (0.8, 0.0, 0.92), (0.7, 0.1, 0.95))
+    assert choose_alpha(table, threshold=0.0)["alpha"] == 0.9  # 0.7 forgets less; 0.9 / 0.8 tie: the larger α
+    assert choose_alpha(table, threshold=0.1)["alpha"] == 0.7  # a looser stop threshold admits it
+
+
+def test_soup_alpha_rule_never_forgets_less_than_the_unsouped_model():
+    table = _table((1.0, 0.2, 0.80), (0.9, 0.2, 0.85), (0.8, 0.3, 0.90))
+    assert choose_alpha(table, threshold=0.0)["alpha"] == 0.9
 
 
 def test_distillation_is_zero_for_the_teacher_itself(trained_bundle, small_records, test_images):

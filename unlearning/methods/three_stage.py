@@ -301,8 +301,23 @@ def _remind(model, original, tokenizer, target, data, config: ThreeStageConfig, 
     return history, alignment
 
 
+def choose_alpha(table: Sequence[dict], threshold: float) -> dict:
+    """Stage 3's rule (module docstring): among the soup α whose calibration forget accuracy stays at
+    or below max(``threshold``, forget accuracy at α = 1), the one with the highest calibration
+    retain accuracy (ties go to the larger α).
+
+    Args:
+        table: one row per α with ``alpha``, ``forget_accuracy`` and ``retain_accuracy``; must hold α = 1.
+        threshold: the stop rule's forget accuracy.
+    """
+    # Never forget less than the unsouped model does (it may miss the threshold: then souping may
+    # still win retained accuracy back at no cost to forgetting).
+    allowed = max(threshold, max(table, key=lambda row: row["alpha"])["forget_accuracy"])
+    return max((row for row in table if row["forget_accuracy"] <= allowed), key=lambda row: (row["retain_accuracy"], row["alpha"]))
+
+
 def _restore(model, original, tokenizer, data, threshold: float, alphas: Sequence[float]) -> list[dict]:
-    """Stage 3: try each soup α on the calibration split and keep the best (module docstring).
+    """Stage 3: try each soup α on the calibration split and keep the one :func:`choose_alpha` picks.
 
     Returns:
         One row per α (forget and retain accuracy, ``chosen``); the model is left at the chosen α.
@@ -314,10 +329,7 @@ def _restore(model, original, tokenizer, data, threshold: float, alphas: Sequenc
         model.load_state_dict(soup(original_state, unlearned_state, alpha))
         table.append({"alpha": alpha, "forget_accuracy": accuracy(model, tokenizer, forget_cal, data.classnames, data.templates),
                       "retain_accuracy": accuracy(model, tokenizer, retain_cal, data.classnames, data.templates)})
-    # Never forget less than the unsouped model does (it may miss the threshold: then souping may
-    # still win retained accuracy back at no cost to forgetting).
-    allowed = max(threshold, max(table, key=lambda row: row["alpha"])["forget_accuracy"])
-    best = max((row for row in table if row["forget_accuracy"] <= allowed), key=lambda row: (row["retain_accuracy"], row["alpha"]))
+    best = choose_alpha(table, threshold)
     for row in table:
         row["chosen"] = row is best
     model.load_state_dict(soup(original_state, unlearned_state, best["alpha"]))
