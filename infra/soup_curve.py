@@ -2,9 +2,10 @@
 
 For each seed, three_stage runs once with ``soup_alphas=[1.0]`` (so the model comes back unsouped),
 then every α of the default grid is souped with the original and scored twice: on the calibration
-split the method sees (forget / retain accuracy, and each forget image's cosine margin over its best
-other class), and on the ``--split`` images with the benchmark's evaluation (forget, sibling and
-retain accuracy, as drops from the original). The α the method's rule would pick is marked.
+split the method sees (the rows its α rule reads, plus each forget image's cosine margin over its
+best other class, so other ``subgroup_soup_margin`` values can be replayed offline), and on the ``--split``
+images with the benchmark's evaluation (forget, sibling and retain accuracy, as drops from the
+original). The α the method's rule would pick is marked.
 
 On ``--split val`` the method must not calibrate on the val images it is scored on, so its stop /
 calibration forget images are the last ``--calibration`` forget images of train (held out of the
@@ -30,19 +31,8 @@ from unlearning.data import read_manifest  # noqa: E402
 from unlearning.erasure_data import build_unlearning_data  # noqa: E402
 from unlearning.evaluation import evaluate  # noqa: E402
 from unlearning.methods import ForgetTarget, run_method  # noqa: E402
-from unlearning.methods.base import LabelledImages  # noqa: E402
-from unlearning.methods.common import accuracy  # noqa: E402
-from unlearning.methods.three_stage import ThreeStageConfig, choose_alpha, soup  # noqa: E402
-from unlearning.metrics import encode_images, zero_shot_classifier  # noqa: E402
+from unlearning.methods.three_stage import ThreeStageConfig, calibration_row, choose_alpha, forget_margins, soup  # noqa: E402
 from unlearning.models import load_model, state_copy  # noqa: E402
-
-
-@torch.no_grad()
-def forget_margins(model, tokenizer, images: LabelledImages, classnames, templates, index: int) -> list[float]:
-    """Each image's cosine similarity to the target's prompt minus its best other class's (> 0: not forgotten)."""
-    sims = encode_images(model, images.images) @ zero_shot_classifier(model, tokenizer, classnames, templates)
-    others = torch.cat([sims[:, :index], sims[:, index + 1:]], dim=1).max(dim=1).values
-    return (sims[:, index] - others).tolist()
 
 
 def curve(model_dir: str, reference, eval_set, target: ForgetTarget, seed: int, split: str, calibration: int,
@@ -57,19 +47,19 @@ def curve(model_dir: str, reference, eval_set, target: ForgetTarget, seed: int, 
     run_method("three_stage", bundle.model, bundle.tokenizer, target, data, {**config, "seed": seed, "soup_alphas": [1.0]},
                original=original)
     unlearned, original_state = state_copy(bundle.model), state_copy(original)
+    settings = ThreeStageConfig(**config)
     rows = []
-    for alpha in ThreeStageConfig(**config).soup_alphas:
+    for alpha in settings.soup_alphas:
         bundle.model.load_state_dict(soup(original_state, unlearned, alpha))
         after = evaluate(bundle.model, bundle.tokenizer, eval_set, [target]).metrics
-        margins = forget_margins(bundle.model, bundle.tokenizer, data.forget_val, data.classnames, data.templates, data.forget_index)
-        rows.append({"alpha": alpha,
-                     "forget_accuracy": accuracy(bundle.model, bundle.tokenizer, data.forget_val, data.classnames, data.templates),
-                     "retain_accuracy": accuracy(bundle.model, bundle.tokenizer, data.retain_val, data.classnames, data.templates),
-                     "calibration_margin_max": max(margins), "calibration_margin_mean": sum(margins) / len(margins),
+        margins = forget_margins(bundle.model, bundle.tokenizer, data.forget_val.images, data.classnames, data.templates,
+                                 data.forget_index)
+        rows.append({"alpha": alpha, **calibration_row(bundle.model, bundle.tokenizer, data, settings.subgroup_soup_margin),
+                     "calibration_margins": [round(m, 4) for m in margins.tolist()],
                      f"{split}_forget": after["forget_accuracy"],
                      f"{split}_sibling_drop": before["sibling_accuracy"] - after["sibling_accuracy"],
                      f"{split}_retain_drop": before["retain_accuracy"] - after["retain_accuracy"]})
-    chosen = choose_alpha(rows, ThreeStageConfig(**config).stop_forget_accuracy)["alpha"]
+    chosen = choose_alpha(rows, settings.stop_forget_accuracy)["alpha"]
     return {"target": target.name, "seed": seed, "split": split, "chosen_alpha": chosen, "config": config, "rows": rows}
 
 
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in results[-1]["rows"]:
             mark = "  <- chosen" if row["alpha"] == results[-1]["chosen_alpha"] else ""
             print(f"seed {seed} α {row['alpha']:.2f}  calibration forget {100 * row['forget_accuracy']:5.1f} % "
-                  f"retain {100 * row['retain_accuracy']:5.1f} % margin max {row['calibration_margin_max']:+.3f}  |  "
+                  f"retain {100 * row['retain_accuracy']:5.1f} % margin max {max(row['calibration_margins']):+.3f}  |  "
                   f"{args.split} forget {100 * row[f'{args.split}_forget']:5.1f} % siblings {-100 * row[f'{args.split}_sibling_drop']:+5.1f} "
                   f"retain {-100 * row[f'{args.split}_retain_drop']:+5.1f} pt{mark}", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

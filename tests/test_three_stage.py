@@ -10,7 +10,9 @@ import torch
 from unlearning.erasure_data import build_unlearning_data
 from unlearning.evaluation import EvalSet, evaluate
 from unlearning.methods import ForgetTarget, run_method
-from unlearning.methods.three_stage import align_to_batchnorm, choose_alpha, distillation_kl, reminding_terms, soup
+from unlearning.methods.base import LabelledImages
+from unlearning.methods.common import accuracy
+from unlearning.methods.three_stage import align_to_batchnorm, choose_alpha, distillation_kl, forget_margins, reminding_terms, soup
 from unlearning.models import load_model, state_copy
 
 from conftest import best_known_subgroup
@@ -57,7 +59,7 @@ def test_soup_interpolates_weights_and_takes_integer_buffers_from_the_heavier_si
 
 
 def _table(*rows):
-    return [{"alpha": a, "forget_accuracy": f, "retain_accuracy": r} for a, f, r in rows]
+    return [{"alpha": a, "remembered": f, "retain_accuracy": r} for a, f, r in rows]
 
 
 def test_soup_alpha_rule_keeps_forgetting_then_maximises_retain():
@@ -69,6 +71,15 @@ def test_soup_alpha_rule_keeps_forgetting_then_maximises_retain():
 def test_soup_alpha_rule_never_forgets_less_than_the_unsouped_model():
     table = _table((1.0, 0.2, 0.80), (0.9, 0.2, 0.85), (0.8, 0.3, 0.90))
     assert choose_alpha(table, threshold=0.0)["alpha"] == 0.9
+
+
+def test_forget_margins_are_positive_exactly_where_the_target_is_still_predicted(trained_bundle, small_records, test_images):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    classnames, templates = sorted({r.label for r in small_records["test"]}), ["a picture of a {}."]
+    as_target = LabelledImages(test_images, [r.caption for r in small_records["test"]], torch.zeros(len(test_images), dtype=torch.long))
+    margins = forget_margins(model, tokenizer, test_images, classnames, templates, index=0)
+    assert margins.shape == (len(test_images),) and (margins > 0).any() and (margins < 0).any()
+    assert float((margins > 0).float().mean()) == pytest.approx(accuracy(model, tokenizer, as_target, classnames, templates))
 
 
 def test_distillation_is_zero_for_the_teacher_itself(trained_bundle, small_records, test_images):
