@@ -94,7 +94,7 @@ class ThreeStageConfig(BudgetConfig):
     distill_weight: float = 1.0
     # Ours: the KD weight for a subgroup target. "red circle", val split with the calibration images drawn
     # from train (4 seeds): at 1, other circles drifted to "<colour> square" and the siblings lost 0.6-6.9 pt
-    # at the chosen α; at 5, 0.0-1.9 pt, the subgroup still at 0 % (infra/soup_curve.py, docs/benchmarks.md).
+    # at the chosen α; at 5, at most 1.9 pt, the subgroup still at 0 % (infra/soup_curve.py, docs/benchmarks.md).
     # Classes keep 1: there, KD 5 held retain but left 17 % of the class (H200 sweep, val).
     subgroup_distill_weight: float = 5.0
     distill_temperature: float = 2.0
