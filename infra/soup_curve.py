@@ -3,9 +3,9 @@
 For each seed, three_stage runs once with ``soup_alphas=[1.0]`` (so the model comes back unsouped),
 then every α of the default grid is souped with the original and scored twice: on the calibration
 split the method sees (the rows its α rule reads, plus each forget image's cosine margin over its
-best other class, so other ``subgroup_soup_margin`` values can be replayed offline), and on the ``--split``
-images with the benchmark's evaluation (forget, sibling and retain accuracy, as drops from the
-original). The α the method's rule would pick is marked.
+best other class, so that other ``subgroup_soup_margin`` values can be replayed offline), and on
+the ``--split`` images with the benchmark's evaluation (forget, sibling and retain accuracy, as
+drops from the original). The α the method's rule would pick is marked.
 
 On ``--split val`` the method must not calibrate on the val images it is scored on, so its stop /
 calibration forget images are the last ``--calibration`` forget images of train (held out of the
