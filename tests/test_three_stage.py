@@ -138,10 +138,10 @@ def test_three_stage_forgets_a_subgroup_and_keeps_its_siblings(trained_bundle, s
     after = evaluate(model, tokenizer, eval_set, [target]).metrics
     assert before["forget_accuracy"] >= 0.5
     assert after["forget_accuracy"] <= 0.5 * before["forget_accuracy"]
-    # Targeted: the siblings lose far less than the subgroup. Measured on three test models: siblings
-    # -7.5, -10 and -22.5 pt (the champion: -15.5 pt, docs/benchmarks.md, a missed target).
+    # Targeted: the siblings lose far less than the subgroup. Measured on the test models of
+    # ERASURE_TEST_SEED 0-3: siblings -2.5, -7.5, -5 and -12.5 pt (the champion: 0.0 / -2.5 pt, docs/benchmarks.md).
     sibling_drop = before["sibling_accuracy"] - after["sibling_accuracy"]
-    assert sibling_drop <= 0.3 and sibling_drop <= 0.4 * (before["forget_accuracy"] - after["forget_accuracy"])
+    assert sibling_drop <= 0.2 and sibling_drop <= 0.4 * (before["forget_accuracy"] - after["forget_accuracy"])
     assert before["retain_accuracy"] - after["retain_accuracy"] <= 0.08
     assert len(result.summary["selected_tensors"]) == FAST["top_k_tensors"]
     assert {"forgetting", "reminding", "restoring"} == {row["stage"] for row in result.history}
