@@ -31,7 +31,7 @@ from unlearning.data import read_manifest  # noqa: E402
 from unlearning.erasure_data import build_unlearning_data  # noqa: E402
 from unlearning.evaluation import evaluate  # noqa: E402
 from unlearning.methods import ForgetTarget, run_method  # noqa: E402
-from unlearning.methods.three_stage import ThreeStageConfig, calibration_row, choose_alpha, forget_margins, soup  # noqa: E402
+from unlearning.methods.three_stage import ThreeStageConfig, calibration_row, choose_alpha, soup  # noqa: E402
 from unlearning.models import load_model, state_copy  # noqa: E402
 
 
@@ -52,9 +52,8 @@ def curve(model_dir: str, reference, eval_set, target: ForgetTarget, seed: int, 
     for alpha in settings.soup_alphas:
         bundle.model.load_state_dict(soup(original_state, unlearned, alpha))
         after = evaluate(bundle.model, bundle.tokenizer, eval_set, [target]).metrics
-        margins = forget_margins(bundle.model, bundle.tokenizer, data.forget_val.images, data.classnames, data.templates,
-                                 data.forget_index)
-        rows.append({"alpha": alpha, **calibration_row(bundle.model, bundle.tokenizer, data, settings.subgroup_soup_margin),
+        calibration, margins = calibration_row(bundle.model, bundle.tokenizer, data, settings.for_kind("soup_margin", target.kind))
+        rows.append({"alpha": alpha, **calibration,
                      "calibration_margins": [round(m, 4) for m in margins.tolist()],
                      f"{split}_forget": after["forget_accuracy"],
                      f"{split}_sibling_drop": before["sibling_accuracy"] - after["sibling_accuracy"],

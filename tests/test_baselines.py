@@ -94,6 +94,13 @@ def test_every_method_declares_the_shared_budget_fields():
         assert {"lr", "max_steps", "batch_size", "stop_forget_accuracy", "stop_forget_recall", "eval_every", "seed"} <= set(fields), name
 
 
+def test_a_subgroup_override_applies_to_subgroup_targets_only():
+    config = get_method("three_stage").config_cls(distill_weight=2.0, subgroup_distill_weight=7.0)
+    assert config.for_kind("distill_weight", "subgroup") == 7.0
+    assert config.for_kind("distill_weight", "class") == 2.0 and config.for_kind("distill_weight", "association") == 2.0
+    assert config.for_kind("lr", "subgroup") == config.lr  # no subgroup_lr field: the shared value
+
+
 def test_gradient_ascent_on_an_association_lowers_forget_recall(trained_bundle, small_records, test_images):
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     records = small_records["train"] + small_records["val"] + small_records["test"]

@@ -83,6 +83,12 @@ class MethodConfig(BaseModel):
     stop_forget_accuracy: float = 0.0  # stop once forget accuracy on the stop set is at or below this
     eval_every: int = 1
 
+    def for_kind(self, name: str, kind: str):
+        """Field ``name``, or its ``subgroup_<name>`` override for a subgroup target where the method has one."""
+        if kind == "subgroup" and f"subgroup_{name}" in type(self).model_fields:
+            return getattr(self, f"subgroup_{name}")
+        return getattr(self, name)
+
 
 @dataclass
 class MethodResult:

@@ -304,9 +304,8 @@ def run(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: Unlearnin
     text_tokens = tokenizer([t.format(name) for t in templates]).to(device)
     with torch.no_grad():  # the target prompt's direction before any step (point 7 of the module doc)
         target_direction = model.encode_text(text_tokens).mean(dim=0)
-    subgroup = target.kind == "subgroup"
-    anchor_weight = config.subgroup_anchor_weight if subgroup else config.anchor_weight
-    removal = config.subgroup_noise_target_removal if subgroup else config.noise_target_removal
+    anchor_weight = config.for_kind("anchor_weight", target.kind)
+    removal = config.for_kind("noise_target_removal", target.kind)
     anchors = (text_anchors(model, tokenizer, data.classnames, index, templates, config.anchor_random_words, generator)
                if anchor_weight else [])
     towers = tower_parameters(model, config.frozen_visual)

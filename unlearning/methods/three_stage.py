@@ -282,8 +282,7 @@ def _forget_similarity_loss(model: torch.nn.Module, tokenizer, data, config: Thr
     of relu(cos_target - max_other cos + margin). Zero once every image ranks another class first."""
     images = sample_batch(data.forget, config.batch_size, generator).images
     sims = image_features(model, images) @ class_text_features(model, tokenizer, data.classnames, data.templates).T
-    others = torch.cat([sims[:, : data.forget_index], sims[:, data.forget_index + 1:]], dim=1)
-    return F.relu(sims[:, data.forget_index] - others.max(dim=1).values + config.forget_margin).mean()
+    return F.relu(margin_over_others(sims, data.forget_index) + config.forget_margin).mean()
 
 
 def _remind(model, original, tokenizer, target, data, config: ThreeStageConfig, params: list[torch.nn.Parameter],
@@ -298,7 +297,7 @@ def _remind(model, original, tokenizer, target, data, config: ThreeStageConfig, 
         alignment = f"{len(pool)} retain images, {config.align_steps} steps"
         pool = LabelledImages(aligned, pool.texts, pool.labels)
     retained = [c for i, c in enumerate(data.classnames) if i != data.forget_index]
-    distill_weight = config.subgroup_distill_weight if target.kind == "subgroup" else config.distill_weight
+    distill_weight = config.for_kind("distill_weight", target.kind)
     ema = [p.detach().clone() for p in params]
 
     def update_ema():
@@ -324,14 +323,19 @@ def _remind(model, original, tokenizer, target, data, config: ThreeStageConfig, 
     return history, alignment
 
 
+def margin_over_others(sims: torch.Tensor, index: int) -> torch.Tensor:
+    """Per row: column ``index`` minus the largest other column (> 0: ``index`` ranks first)."""
+    others = torch.cat([sims[:, :index], sims[:, index + 1:]], dim=1)
+    return sims[:, index] - others.max(dim=1).values
+
+
 @torch.no_grad()
 def forget_margins(model: torch.nn.Module, tokenizer, images: torch.Tensor, classnames: Sequence[str], templates: Sequence[str],
                    index: int) -> torch.Tensor:
     """Each image's cosine similarity to class ``index``'s prompt minus its best other class's
     (> 0: the zero-shot prediction is still that class)."""
     sims = encode_images(model, images) @ zero_shot_classifier(model, tokenizer, classnames, templates).to(images.device)
-    others = torch.cat([sims[:, :index], sims[:, index + 1:]], dim=1).max(dim=1).values
-    return (sims[:, index] - others).cpu()
+    return margin_over_others(sims, index).cpu()
 
 
 def choose_alpha(table: Sequence[dict], threshold: float) -> dict:
@@ -349,16 +353,18 @@ def choose_alpha(table: Sequence[dict], threshold: float) -> dict:
     return max((row for row in table if row["remembered"] <= allowed), key=lambda row: (row["retain_accuracy"], row["alpha"]))
 
 
-def calibration_row(model: torch.nn.Module, tokenizer, data, margin: float) -> dict:
-    """The calibration scores :func:`choose_alpha` reads, for the model as it is.
+def calibration_row(model: torch.nn.Module, tokenizer, data, margin: float) -> tuple[dict, torch.Tensor]:
+    """The calibration scores :func:`choose_alpha` reads, for the model as it is, and the calibration
+    forget images' :func:`forget_margins` they come from.
 
     ``forget_accuracy``: share of calibration forget images still predicted as the target;
     ``remembered``: share within ``margin`` (cosine) of it; ``retain_accuracy``: calibration retain accuracy.
     """
     forget_cal, retain_cal = data.forget_val or data.forget, data.retain_val or data.retain
     margins = forget_margins(model, tokenizer, forget_cal.images, data.classnames, data.templates, data.forget_index)
-    return {"forget_accuracy": float((margins > 0).float().mean()), "remembered": float((margins > -margin).float().mean()),
-            "retain_accuracy": accuracy(model, tokenizer, retain_cal, data.classnames, data.templates)}
+    row = {"forget_accuracy": float((margins > 0).float().mean()), "remembered": float((margins > -margin).float().mean()),
+           "retain_accuracy": accuracy(model, tokenizer, retain_cal, data.classnames, data.templates)}
+    return row, margins
 
 
 def _restore(model, original, tokenizer, target, data, threshold: float, config: ThreeStageConfig) -> list[dict]:
@@ -368,11 +374,12 @@ def _restore(model, original, tokenizer, target, data, threshold: float, config:
         One row per α (calibration scores, ``chosen``); the model is left at the chosen α.
     """
     unlearned_state, original_state = state_copy(model), state_copy(original)
-    margin = config.subgroup_soup_margin if target.kind == "subgroup" else config.soup_margin
+    margin = config.for_kind("soup_margin", target.kind)
     table = []
     for alpha in sorted(set(config.soup_alphas) | {1.0}, reverse=True):
         model.load_state_dict(soup(original_state, unlearned_state, alpha))
-        table.append({"alpha": alpha, **calibration_row(model, tokenizer, data, margin)})
+        row, _ = calibration_row(model, tokenizer, data, margin)
+        table.append({"alpha": alpha, **row})
     best = choose_alpha(table, threshold)
     for row in table:
         row["chosen"] = row is best
