@@ -12,14 +12,15 @@ from unlearning.erasure_data import build_unlearning_data
 from unlearning.evaluation import EvalSet, evaluate
 from unlearning.methods import ForgetTarget, run_method
 from unlearning.methods.cliperase import cliperase_terms
+from unlearning.methods.common import random_word, swap_class_names
 from unlearning.metrics import encode_images, encode_texts
 
 # The stop rule ends a run as soon as the held-out forget images are forgotten; the step ceiling is
 # generous because test models trained on different machines forget at different speeds (a CI
-# machine's model needed more than the 40 steps that sufficed here). lr 6e-5, twice the default:
-# with the embedding-consistency term and the text anchor on, the seed-1 test model still had
-# 17 % of its stop set left after 200 steps at 3e-5.
-FAST = {"max_steps": 200, "lr": 6e-5, "stop_forget_accuracy": 0.05, "stop_forget_recall": 0.05}
+# machine's model needed more than the 40 steps that sufficed here). lr 1e-4: with the attribute
+# consistency term on, the test models of ERASURE_TEST_SEED 1 and 3 still had 8 % of their stop
+# set left after 200 steps at 6e-5; at 1e-4 they stop in ~110 s, seed 0 in ~20 s.
+FAST = {"max_steps": 300, "lr": 1e-4, "stop_forget_accuracy": 0.05, "stop_forget_recall": 0.05}
 
 
 def _pairs(records, images, n=16):
@@ -70,6 +71,47 @@ def test_feature_consistency_is_the_retain_pairs_embedding_distance_from_the_tea
     drift = (encode_texts(model, tokenizer, retain_texts) - encode_texts(teacher, tokenizer, retain_texts)).square().sum(-1).mean()
     assert float(drift) > 1e-4
     assert float(terms["feature_consistency"].detach()) == pytest.approx(float(drift), rel=1e-3)
+
+
+def test_attribute_consistency_is_zero_for_the_teacher_itself_and_grows_when_the_text_tower_moves(trained_bundle, small_records, test_images):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    records = small_records["test"][:16]
+    images, texts = _pairs(small_records["test"], test_images)
+    is_forget = torch.arange(len(images)) < 4
+    classnames = sorted({r.label for r in records})
+    labels = torch.tensor([classnames.index(r.label) for r in records])[~is_forget]
+    attribute_texts = swap_class_names([t for t, f in zip(texts, is_forget) if not f], labels, classnames, "blob")
+    assert all(r.label not in t and "blob" in t for r, t in zip(records[4:], attribute_texts))
+    teacher = copy.deepcopy(model)
+    assert "attribute_consistency" not in cliperase_terms(model, teacher, tokenizer, images, texts, is_forget)
+    terms = cliperase_terms(model, teacher, tokenizer, images, texts, is_forget, attribute_texts=attribute_texts)
+    assert float(terms["attribute_consistency"].detach()) == pytest.approx(0.0, abs=1e-6)
+
+    with torch.no_grad():  # move the text tower only: the retain images rank the swapped captions differently
+        model.text_projection.add_(0.05 * torch.randn_like(model.text_projection))
+    terms = cliperase_terms(model, teacher, tokenizer, images, texts, is_forget, attribute_texts=attribute_texts)
+    assert float(terms["attribute_consistency"].detach()) > 1e-4
+
+
+def test_swap_class_names_replaces_whole_words_of_the_own_class_only():
+    classnames = ["square", "red circle"]
+    texts = ["a small red square", "squares are not a square.", "a large red circle", "a red square", "a caption"]
+    labels = torch.tensor([0, 0, 1, 1, -1])
+    assert swap_class_names(texts, labels, classnames, "blob") == [
+        "a small red blob", "squares are not a blob.", "a large blob", "a red square", "a caption"]
+    assert swap_class_names(["a square"], torch.tensor([0]), classnames, r"x\1") == [r"a x\1"]  # the word is not a regex
+
+
+def test_random_word_never_returns_part_of_the_avoided_name(trained_bundle):
+    class Tokenizer:  # decodes every id to "tri", which is part of the name, except 5
+        vocab_size = 10
+
+        def decode(self, ids):
+            return "tri" if ids[0] != 5 else "blob"
+
+    assert random_word(Tokenizer(), torch.Generator().manual_seed(0), avoid="triangle") == "blob"
+    words = {random_word(trained_bundle.tokenizer, torch.Generator().manual_seed(i), avoid="triangle") for i in range(20)}
+    assert len(words) > 10 and not any(w.lower() in "triangle" for w in words)
 
 
 def test_forgetting_term_is_the_mean_dot_product_of_forget_pairs(trained_bundle, small_records, test_images):

@@ -3,6 +3,7 @@ forget/retain accuracy checks used by stopping rules."""
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -65,6 +66,30 @@ def accuracy(model: torch.nn.Module, tokenizer, data: LabelledImages, classnames
     return float((predictions == data.labels[keep]).float().mean())
 
 
+def vocabulary_size(tokenizer) -> int:
+    """How many tokens ``tokenizer`` knows (open_clip's SimpleTokenizer or a Hugging Face one)."""
+    return getattr(tokenizer, "vocab_size", None) or len(getattr(tokenizer, "encoder", {})) or 49408
+
+
+def random_word(tokenizer, generator: torch.Generator, avoid: str) -> str:
+    """A random word of the tokenizer's vocabulary (needs its ``decode``) that is not part of ``avoid``."""
+    for _ in range(1000):
+        word = tokenizer.decode([int(torch.randint(vocabulary_size(tokenizer) - 2, (1,), generator=generator))]).strip()
+        if word and word.lower() not in avoid.lower():
+            return word
+    raise ValueError(f"the tokenizer decoded no word outside {avoid!r} in 1000 draws")
+
+
+def swap_class_names(texts: Sequence[str], labels: torch.Tensor, classnames: Sequence[str], word: str) -> list[str]:
+    """Each text with its class's name, where it occurs as whole words, replaced by ``word``
+    ("a small red square" -> "a small red <word>"); texts without a class (label < 0) stay as they are."""
+    swapped = []
+    for text, label in zip(texts, labels.tolist()):
+        name = classnames[label] if label >= 0 else ""
+        swapped.append(re.sub(rf"\b{re.escape(name)}\b", lambda _: word, text, flags=re.IGNORECASE) if name else text)
+    return swapped
+
+
 def anchor_prompts(tokenizer, classnames: Sequence[str], index: int, templates: Sequence[str], n_random: int,
                    generator: torch.Generator) -> tuple[list[str], list[str]]:
     """Texts whose embeddings the anchor keeps in place: every other class in every template, and the
@@ -87,8 +112,7 @@ def anchor_prompts(tokenizer, classnames: Sequence[str], index: int, templates: 
     classes = [t.format(c) for c in others for t in templates]
     if not n_random or not hasattr(tokenizer, "decode"):
         return classes, []
-    vocab = getattr(tokenizer, "vocab_size", None) or len(getattr(tokenizer, "encoder", {})) or 49408
-    ids = torch.randint(0, vocab - 2, (n_random,), generator=generator).tolist()  # the last two are start/end tokens
+    ids = torch.randint(0, vocabulary_size(tokenizer) - 2, (n_random,), generator=generator).tolist()  # the last two are start/end tokens
     target = classnames[index].lower()
     prompts = []
     for j, i in enumerate(ids):
