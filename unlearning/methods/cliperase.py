@@ -147,6 +147,15 @@ def consistency_kl(student: LogProbs, teacher: LogProbs) -> torch.Tensor:
     return sum(F.kl_div(s, t, log_target=True, reduction="batchmean") for s, t in zip(student, teacher))
 
 
+def ranking_kl(student: tuple[torch.Tensor, torch.Tensor, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """KL(teacher ‖ student) of each image's softmax over the texts, each side given as
+    ``(normalised image features, normalised text features, logit scale)``; the teacher carries no gradient."""
+    def log_probs(images, texts, scale):
+        return (scale.clamp(max=100) * images @ texts.T).log_softmax(dim=1)
+
+    return F.kl_div(log_probs(*student), log_probs(*teacher).detach(), log_target=True, reduction="batchmean")
+
+
 def cliperase_terms(model: torch.nn.Module, original: torch.nn.Module, tokenizer, images: torch.Tensor, texts: Sequence[str],
                     is_forget: torch.Tensor, forget_consistency: bool = False,
                     feature_consistency: bool = False, attribute_texts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -186,10 +195,8 @@ def cliperase_terms(model: torch.nn.Module, original: torch.nn.Module, tokenizer
     if forget_consistency:
         # Ours: a forget image keeps how it ranks the *retain* texts (its colour, its size), so that
         # only its link to the target moves.
-        own = (scale.clamp(max=100) * image_features[forget] @ text_features[retain].T).log_softmax(dim=1)
-        with torch.no_grad():
-            ref = (teacher_scale.clamp(max=100) * teacher_images[forget] @ teacher_texts[retain].T).log_softmax(dim=1)
-        terms["forget_consistency"] = F.kl_div(own, ref, log_target=True, reduction="batchmean")
+        terms["forget_consistency"] = ranking_kl((image_features[forget], text_features[retain], scale),
+                                                 (teacher_images[forget], teacher_texts[retain], teacher_scale))
     if feature_consistency:
         # Ours: the KL above only sees how retain pairs rank each other; probes the batch never
         # shows ("a photo of a small shape.") also need the embeddings themselves to stay put.
@@ -199,10 +206,10 @@ def cliperase_terms(model: torch.nn.Module, original: torch.nn.Module, tokenizer
         # Ours: a retain image keeps how it ranks descriptions whose noun it has never seen ("a small
         # red <word>"), i.e. the attribute words keep their meaning apart from any class name.
         attribute_tokens = tokenizer(list(attribute_texts)).to(device)
-        own = (scale.clamp(max=100) * image_features[retain] @ F.normalize(model.encode_text(attribute_tokens), dim=-1).T)
         with torch.no_grad():
-            ref = teacher_scale.clamp(max=100) * teacher_images[retain[rows]] @ F.normalize(original.encode_text(attribute_tokens), dim=-1).T
-        terms["attribute_consistency"] = F.kl_div(own.log_softmax(dim=1), ref.log_softmax(dim=1), log_target=True, reduction="batchmean")
+            teacher_attributes = F.normalize(original.encode_text(attribute_tokens), dim=-1)
+        terms["attribute_consistency"] = ranking_kl((image_features[retain], F.normalize(model.encode_text(attribute_tokens), dim=-1), scale),
+                                                    (teacher_images[retain[rows]], teacher_attributes, teacher_scale))
     return terms
 
 
