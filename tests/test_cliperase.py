@@ -110,6 +110,8 @@ def test_random_word_never_returns_part_of_the_avoided_name(trained_bundle):
             return "tri" if ids[0] != 5 else "blob"
 
     assert random_word(Tokenizer(), torch.Generator().manual_seed(0), avoid="triangle") == "blob"
+    with pytest.raises(ValueError, match="no word outside 'blobtriangle'"):  # a tokenizer with nothing else to offer
+        random_word(Tokenizer(), torch.Generator().manual_seed(0), avoid="blobtriangle")
     words = {random_word(trained_bundle.tokenizer, torch.Generator().manual_seed(i), avoid="triangle") for i in range(20)}
     assert len(words) > 10 and not any(w.lower() in "triangle" for w in words)
 
