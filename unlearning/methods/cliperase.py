@@ -16,8 +16,8 @@ evaluation prompts never enter the loss; half of the retain images carry their c
 half their caption (``retain_texts``), and for a subgroup half of the retain batch are siblings.
 
 Deviations from the paper, and why (dev champion, val split, forgetting "circle"):
-- Adam lr 3e-5, 64 retain + 32 forget pairs per step, at most 300 steps, instead of lr 1e-6,
-  batch 16, 20 epochs: our CLIP is tiny and a run must fit in about a minute on 2 CPU cores
+- Adam lr 3e-5, 64 retain + 32 forget pairs per step, at most 400 steps, instead of lr 1e-6,
+  batch 16, 20 epochs: our CLIP is tiny and a run must take minutes, not hours, on 2 CPU cores
   (seeded champion, test split: 91-163 s per shape, 39-41 s for "red circle").
 - λ3 = 10 instead of 3: with λ3 = 3 the held-out probes (size, colour x shape) fell 1.5-2.5 pt;
   with 10 they stayed within 0.2 pt, at the price of ~2x the steps (68 at lr 3e-5).
