@@ -22,4 +22,4 @@ def bootstrap_flow(settings: ErasureSettings | None = None, spec: WorldSpec | No
     if existing is not None and not force:
         get_run_logger().info("champion %s v%s exists: bootstrap skipped", settings.model_name, existing.version)
         return {"version": str(existing.version), "skipped": True}
-    return bootstrap_champion(settings, spec or WorldSpec(), config or TrainConfig())
+    return bootstrap_champion(settings, spec or WorldSpec(), config or TrainConfig(precision=settings.precision))

@@ -14,7 +14,8 @@ from tasks.champion import lineage_tags
 from tasks.report import confusion_plot, history_plot, image_grid, per_class_plot
 from tasks.settings import ErasureSettings
 from unlearning.bootstrap import bootstrap_world_model
-from unlearning.models import count_parameters, save_model
+from unlearning.models import count_parameters, pick_device, save_model
+from unlearning.precision import resolve_precision
 from unlearning.train import TrainConfig
 from unlearning.world import WorldSpec
 
@@ -23,9 +24,12 @@ from unlearning.world import WorldSpec
 def bootstrap_champion(settings: ErasureSettings, spec: WorldSpec, config: TrainConfig, model_name: str = "TinyCLIP-RN32") -> dict:
     """Generate the world, train, evaluate, log everything to one MLflow run and register v1 as champion."""
     logger = get_run_logger()
+    precision = resolve_precision(config.precision, pick_device(settings.device), stage="train")
+    logger.info("training in %s (%s)", precision.dtype, precision.reason)
     with mlflow.start_run(run_name="bootstrap", tags={"erasure.kind": "bootstrap"}) as run:
         mlflow.log_params({"architecture": model_name, **{f"world.{k}": v for k, v in spec.__dict__.items()},
-                           **{f"train.{k}": v for k, v in config.model_dump().items()}})
+                           **{f"train.{k}": v for k, v in config.model_dump().items()},
+                           "precision": precision.dtype, "precision.reason": precision.reason})
 
         def on_log(step: int, row: dict) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
@@ -49,5 +53,5 @@ def bootstrap_champion(settings: ErasureSettings, spec: WorldSpec, config: Train
         registry.set_alias(settings.model_name, "champion", str(version.version))
         logger.info("bootstrapped %s v%s: shape %.1f %%, colour %.1f %%", settings.model_name, version.version,
                     100 * shape_accuracy, 100 * metrics.get("heldout/colour", float("nan")))
-        return {"version": str(version.version), "shape_accuracy": shape_accuracy, "metrics": metrics,
+        return {"version": str(version.version), "shape_accuracy": shape_accuracy, "metrics": metrics, "precision": precision.model_dump(),
                 "per_class": result.evaluation.per_class, "seconds": result.seconds, "run_id": run.info.run_id}

@@ -15,7 +15,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -49,6 +49,9 @@ class ErasureSettings(BaseSettings):
     allowed_buckets: Annotated[list[str], NoDecode] = []
 
     device: str | None = None
+    # auto: bf16 autocast where the device runs it natively (training), fp32 otherwise; see
+    # unlearning/precision.py. fp32 / bf16 force one dtype for every stage.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # unlearning.precision.Requested, without importing torch here
 
     # Gate defaults: how much the candidate may still know of the forget set, and how much
     # accuracy it may lose elsewhere (absolute drops against the current champion).

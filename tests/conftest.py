@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from unlearning.data import load_images, read_manifest  # noqa: E402
 from unlearning.models import load_model, save_model  # noqa: E402
+from unlearning.precision import resolve_precision  # noqa: E402
 from unlearning.train import TrainConfig, train_clip  # noqa: E402
 from unlearning.world import WorldSpec, generate_world  # noqa: E402
 
@@ -43,7 +44,10 @@ SMALL_WORLD = WorldSpec(n_train=16000, val_per_subgroup=4, test_per_subgroup=8, 
 # batches, so a machine trains the same model every time; another CPU type may round differently
 # and train a slightly different one, so the method tests must hold for any such model.
 # ERASURE_TEST_SEED trains another one to check that they do.
-SMALL_TRAIN = TrainConfig(steps=800, batch_size=128, lr=2e-3, warmup_steps=60, seed=int(os.environ.get("ERASURE_TEST_SEED", "0")))
+# Precision follows the hardware as the bootstrap's does (bf16 only where native); the resolved
+# dtype is part of the cache key, since it changes the trained model.
+SMALL_TRAIN = TrainConfig(steps=800, batch_size=128, lr=2e-3, warmup_steps=60, seed=int(os.environ.get("ERASURE_TEST_SEED", "0")),
+                          precision=os.environ.get("ERASURE_PRECISION", "auto"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -71,7 +75,7 @@ def small_records(small_world):
 @pytest.fixture(scope="session")
 def trained_model_dir(small_world, small_records) -> Path:
     """Folder of a TinyCLIP-RN32 trained briefly on the small world (cached across sessions)."""
-    folder = CACHE / f"model-{_key(SMALL_WORLD, SMALL_TRAIN, 'seeded-init')}"
+    folder = CACHE / f"model-{_key(SMALL_WORLD, SMALL_TRAIN, 'seeded-init', resolve_precision(SMALL_TRAIN.precision, 'cpu').dtype)}"
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / "train.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent session waits for this one instead of training too

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transformer import text_global_pool
 from safetensors.torch import load_file, save_file
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -150,6 +151,34 @@ def save_model(bundle: ClipBundle, folder: str | Path) -> Path:
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the weights, for rollback and souping."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """``tokens`` without the trailing columns that are padding in every row."""
+    used = (tokens != pad_id).any(dim=0).nonzero()
+    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
+
+
+def encode_text(model: torch.nn.Module, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """``model.encode_text`` over tokens trimmed to the batch's longest text.
+
+    open_clip always runs the full context (32 tokens for our tiny CLIPs; our captions need ~10),
+    which made the text tower most of a training step. With a causal mask and end-of-text pooling,
+    padding after a text's end cannot reach it, so the trimmed pass computes the same features.
+    Other towers (bidirectional masks, "last" pooling, custom text models) run untrimmed."""
+    pool = getattr(model, "text_pool_type", None)
+    if not isinstance(model, open_clip.CLIP) or getattr(model, "attn_mask", None) is None or pool not in ("argmax", "eos"):
+        return model.encode_text(tokens, normalize=normalize)
+    tokens = trim_padding(tokens)
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, pool, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 
 def count_parameters(model: torch.nn.Module) -> int:
