@@ -36,6 +36,16 @@ def test_generated_world_is_reproducible_and_complete(tmp_path):
         assert (first.parent / row_a["image_path"]).read_bytes() == (second.parent / row_a["image_path"]).read_bytes()
 
 
+def test_parallel_generation_writes_what_one_process_writes(tmp_path):
+    spec = WorldSpec(n_train=50, val_per_subgroup=1, test_per_subgroup=1, seed=5)
+    one = generate_world(tmp_path / "one", spec, progress=False, workers=1, chunk=16)
+    two = generate_world(tmp_path / "two", spec, progress=False, workers=2, chunk=16)
+    assert one.read_text() == two.read_text()
+    rows = [json.loads(line) for line in one.read_text().splitlines()]
+    for row in rows[::7]:
+        assert (one.parent / row["image_path"]).read_bytes() == (two.parent / row["image_path"]).read_bytes()
+
+
 def test_captions_name_the_label_and_attributes(tmp_path):
     records = read_manifest(generate_world(tmp_path, TINY, progress=False))
     for r in records:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -175,10 +178,23 @@ def sample_record(spec: WorldSpec, split: str, index: int) -> tuple[Image.Image,
     return image, {"label": shape, "attributes": attributes, "caption": caption, "split": split}
 
 
-def generate_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool = True) -> Path:
+def _write_chunk(root: Path, spec: WorldSpec, split: str, start: int, stop: int) -> list[dict]:
+    rows = []
+    for index in range(start, stop):
+        image, record = sample_record(spec, split, index)
+        relative = f"images/{split}/{index:06d}.png"
+        image.save(root / relative, compress_level=1)
+        rows.append({"image_path": relative, **record})
+    return rows
+
+
+def generate_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bool = True, workers: int | None = None,
+                   chunk: int = 2000) -> Path:
     """Write the world to ``root``: ``images/<split>/<index>.png`` and ``manifest.jsonl``.
 
-    Skips the work when ``root`` already holds a complete world of the same spec.
+    Skips the work when ``root`` already holds a complete world of the same spec. Images are
+    pure functions of their index, so ``workers`` processes (default: one per core) write the
+    same files and manifest as one would.
 
     Returns:
         The manifest path.
@@ -190,17 +206,24 @@ def generate_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bo
         return manifest_path
 
     root.mkdir(parents=True, exist_ok=True)
-    total = sum(spec.split_size(s) for s in SPLITS)
+    jobs = []
+    for split in SPLITS:
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        size = spec.split_size(split)
+        jobs += [(split, start, min(start + chunk, size)) for start in range(0, size, chunk)]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
     rows = []
-    with tqdm(total=total, desc="shapes world", unit="img", disable=not progress) as bar:
-        for split in SPLITS:
-            (root / "images" / split).mkdir(parents=True, exist_ok=True)
-            for index in range(spec.split_size(split)):
-                image, record = sample_record(spec, split, index)
-                relative = f"images/{split}/{index:06d}.png"
-                image.save(root / relative, compress_level=1)
-                rows.append({"image_path": relative, **record})
-                bar.update()
+    with tqdm(total=sum(spec.split_size(s) for s in SPLITS), desc="shapes world", unit="img", disable=not progress) as bar:
+        if workers <= 1:
+            for job in jobs:
+                rows += _write_chunk(root, spec, *job)
+                bar.update(job[2] - job[1])
+        else:
+            # spawn, not fork: the parent may hold OpenMP/torch threads that a forked child inherits broken
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for job, chunk_rows in zip(jobs, pool.map(_write_chunk, *zip(*[(root, spec, *job) for job in jobs]))):
+                    rows += chunk_rows
+                    bar.update(job[2] - job[1])
     tmp = manifest_path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tmp.replace(manifest_path)  # the manifest appears only once every image is on disk
