@@ -6,6 +6,8 @@
     erasure rollback --to VERSION [--reason TEXT]
     erasure guard
     erasure bootstrap [--force]
+    erasure register MODEL_REF [--name NAME] [--reference-manifest PATH]
+                                      bring your own model: score it, register it, make it the champion
     erasure schema                    the request's JSON Schema
     erasure bench [--out DIR]         every method on the embedded champion
 
@@ -88,7 +90,9 @@ def cmd_run(args) -> int:
     from tasks.request import load_request
 
     request = load_request(Path(args.request).read_text() if Path(args.request).is_file() else _missing(args.request))
-    report = erasure_flow(request)
+    reference = _reference_choice(request.model)
+    report = erasure_flow(request, reference.settings)
+    _record_reference(report, reference)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     print_table(report)
@@ -156,12 +160,65 @@ def cmd_rollback(args) -> int:
 def cmd_guard(args) -> int:
     from flows.guard import guard_flow
 
-    verdict = guard_flow()
+    reference = _reference_choice(None)
+    verdict = guard_flow(settings=reference.settings)
     if verdict["passed"]:
         _console().print(f"[green]guard passed[/green]: champion v{verdict['champion']}")
         return 0
     _console().print(f"[red]guard failed[/red]: {'; '.join(verdict['failures'])} → champion rolled back to v{verdict['rollback']['champion']}")
     return 2
+
+
+def _reference_choice(model_name: str | None):
+    """The reference manifest the champion was registered with (unless configured), warning on a mismatch."""
+    from tasks.register import reference_for_champion
+    from tasks.registry import configure_mlflow
+
+    settings = _settings()
+    configure_mlflow(settings)
+    choice = reference_for_champion(settings, model_name)
+    if choice.warning:
+        _console().print(f"[yellow]warning[/yellow]: {choice.warning}")
+    elif choice.registered:
+        _console().print(f"reference manifest: {choice.manifest} (recorded when the champion was registered)")
+    return choice
+
+
+def _record_reference(report: dict, choice) -> None:
+    from tasks.register import record_reference_choice
+
+    if report.get("mlflow_run_id") and not report.get("idempotent"):  # an answered-again request keeps its run as it was
+        record_reference_choice(report["mlflow_run_id"], choice)
+
+
+def cmd_register(args) -> int:
+    from rich.table import Table
+
+    from flows.register import register_flow
+
+    result = register_flow(args.model_ref, name=args.name, reference_manifest=args.reference_manifest)
+    table = Table(title=f"registered {result['name']} v{result['version']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    previous = result["aliases"]["previous"]
+    for key, value in (("model", result["model_ref"]), ("reference manifest", f"{result['reference_manifest']} (sha {result['reference_hash']})"),
+                       ("zero-shot accuracy", f"{100 * result['accuracy']:.1f} % on {result['test_images']} test images"),
+                       ("held-out accuracy", f"{100 * result['metrics'].get('heldout_accuracy', float('nan')):.1f} % ({result['heldout_suite']})"),
+                       ("aliases", f"champion → v{result['version']}" + (f", previous → v{previous}" if previous else ""))):
+        table.add_row(key, value)
+    console = _console()
+    console.print(table)
+    per_class = Table(title="zero-shot accuracy per class (test split)")
+    per_class.add_column("class")
+    per_class.add_column("accuracy", justify="right")
+    for name in sorted(result["per_class"]):
+        per_class.add_row(name, f"{100 * result['per_class'][name]:.1f} %")
+    console.print(per_class)
+    if result["reopened_requests"]:
+        console.print(f"[yellow]requests back to pending[/yellow] (v{previous} carried them, the new model does not): "
+                      f"{', '.join(result['reopened_requests'])}")
+    console.print(f"[green]champion[/green]: {result['name']} v{result['version']}. Review it in the MLflow UI:  {_ui_hint(_settings())}")
+    return 0
 
 
 def cmd_bootstrap(args) -> int:
@@ -183,6 +240,7 @@ def cmd_demo(args) -> int:
 
     settings = _settings()
     configure_mlflow(settings)
+    _console().print(f"precision: {_precision_line(settings)}")
     boot = bootstrap_flow()
     champion = registry.get_version_by_alias(settings.model_name, "champion")
     erased = {t.name for t in carried(champion.tags)[0]}
@@ -208,6 +266,15 @@ def cmd_demo(args) -> int:
                      f"retain {100 * report['before'].get('retain_accuracy', float('nan')):.1f} → {100 * report['after'].get('retain_accuracy', float('nan')):.1f} %")
     _console().print(f"Review it in the MLflow UI:  {_ui_hint(settings)}")
     return 0 if report["status"] == "promoted" else 2
+
+
+def _precision_line(settings) -> str:
+    from unlearning.models import pick_device
+    from unlearning.precision import resolve_precision
+
+    device = pick_device(settings.device)
+    train, unlearn = (resolve_precision(settings.precision, device, stage) for stage in ("train", "unlearn"))
+    return f"training {train.dtype} ({train.reason}); unlearning and evaluation {unlearn.dtype} on {device}"
 
 
 def cmd_bench(args) -> int:
@@ -250,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", default="manual rollback")
     rollback.set_defaults(fn=cmd_rollback)
     sub.add_parser("guard", help="re-check the champion; roll back automatically when it fails").set_defaults(fn=cmd_guard)
+    register = sub.add_parser("register", help="bring your own model: score it on the reference data, register it as champion")
+    register.add_argument("model_ref", metavar="MODEL_REF", help="NAME:PRETRAINED (e.g. ViT-B-32:openai), local-dir:/path or s3://bucket/prefix")
+    register.add_argument("--name", help="registered model name (default: ERASURE_MODEL_NAME)")
+    register.add_argument("--reference-manifest", help="the owner's manifest with splits train/val/test (default: ERASURE_REFERENCE_MANIFEST)")
+    register.set_defaults(fn=cmd_register)
     boot = sub.add_parser("bootstrap", help="train and register the embedded tiny CLIP")
     boot.add_argument("--force", action="store_true")
     boot.set_defaults(fn=cmd_bootstrap)

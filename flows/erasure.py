@@ -36,6 +36,7 @@ from tasks.settings import ErasureSettings, get_settings
 from tasks.unlearn import attempt_method, evaluate_model, plan_methods
 from unlearning.methods import get_method
 from unlearning.models import save_model
+from unlearning.precision import resolve_precision
 
 RERUNNABLE = ("failed", "pending")  # a request in another state is answered from the ledger
 
@@ -111,6 +112,9 @@ def _erase(request: ErasureRequest, target, settings: ErasureSettings, client: M
     loaded = time.perf_counter()
     data = prepare_data(request, settings, champion.bundle.image_size, champion.targets)
     target = data.target
+    # Every method's data needs are checked here, before any evaluation or training.
+    plan = plan_methods(request.method, target, data.unlearning, lambda m: method_config(m, request, strict=request.method != "auto"))
+    configs = {m: method_config(m, request, strict=request.method != "auto") for m in plan}  # bad config fails before training
     ledger.set_status(client, run_id, "validated")
 
     all_targets = [*champion.targets, target]
@@ -123,18 +127,21 @@ def _erase(request: ErasureRequest, target, settings: ErasureSettings, client: M
     thresholds = (request.gates.model_dump() if request.gates else
                   {"max_forget_accuracy": settings.max_forget_accuracy, "max_retain_drop": settings.max_retain_drop,
                    "max_heldout_drop": settings.max_heldout_drop})
+    heldout = data.eval_set.heldout  # the held-out suite: named in the held-out gate, the params, report and version
+    thresholds["heldout_suite"] = heldout.label
+    device = champion.bundle.model.logit_scale.device
+    precision = resolve_precision(settings.precision, device, stage="unlearn")
     mlflow.log_params({"request.method": request.method, "request.target": target.name, "champion.version": champion.version,
-                       "device": str(champion.bundle.model.logit_scale.device), "seeds": request.seeds,
+                       "device": str(device), "precision": precision.dtype, "precision.reason": precision.reason, "seeds": request.seeds,
                        **{f"gate.{k}": v for k, v in thresholds.items()}, **{f"manifest.{k}": v for k, v in data.manifest_hashes.items()}})
 
-    plan = plan_methods(request.method, target, data.unlearning)
-    configs = {m: method_config(m, request, strict=request.method != "auto") for m in plan}  # bad config fails before training
+    mlflow.log_params({"heldout.suite": heldout.name, "heldout.kind": heldout.kind, "heldout.source": heldout.source})
     ledger.set_status(client, run_id, "running")
     deadline = time.monotonic() + request.time_budget_s
     attempts = []
     for method in plan:
         attempt = attempt_method(method, champion.bundle, target, data.unlearning, data.eval_set, all_targets, before,
-                                 thresholds, config=configs[method], members=data.members)
+                                 thresholds, config=configs[method], members=data.members, precision=precision)
         attempts.append(attempt)
         if attempt.passed or time.monotonic() > deadline:
             break
@@ -156,8 +163,8 @@ def _erase(request: ErasureRequest, target, settings: ErasureSettings, client: M
                "evaluate_s": evaluate_before + sum(a.evaluate_seconds for a in attempts)}
     mlflow.log_metrics({f"time.{k}": v for k, v in timings.items()})
     report = {"request_id": request.request_id, "target": target.name, "method": best.method, "attempts": [a.method for a in attempts],
-              "timings": timings,
-              "gates_passed": passed, "gates": gates, "before": before.metrics, "after": best.after.metrics,
+              "timings": timings, "data": data.summary,
+              "gates_passed": passed, "gates": gates, "heldout_suite": heldout.as_dict(), "before": before.metrics, "after": best.after.metrics,
               "per_class_before": before.per_class, "per_class_after": best.after.per_class,
               "champion_before": champion.version, "mlflow_run_id": run_id, "dry_run": request.dry_run}
     if request.dry_run:
@@ -168,7 +175,7 @@ def _erase(request: ErasureRequest, target, settings: ErasureSettings, client: M
     tags = {**lineage_tags(all_targets, [*champion.request_ids, request.request_id], champion.version),
             "erasure.method": best.method, "erasure.seeds": json.dumps(request.seeds), "erasure.device": str(champion.bundle.model.logit_scale.device),
             "erasure.manifest_hashes": json.dumps(data.manifest_hashes), "prefect.flow_run_id": _flow_run_id(),
-            "status": "candidate"}
+            "erasure.heldout_suite": heldout.reference, "status": "candidate"}
     version = register_candidate(settings, folder, name, tags, run_id)
     report["model_version"] = version
 
@@ -196,7 +203,8 @@ def _publish(request: ErasureRequest, report: dict, settings: ErasureSettings, p
                    "target": report["target"], "method": report["method"], "model_name": request.model or settings.model_name,
                    "model_version": version, "parent_version": parent, "decision": decision,
                    "carried_targets": [t.name for t in targets], "before": report["before"], "after": report["after"],
-                   "gates": report["gates"], "mlflow_run_id": report["mlflow_run_id"]}
+                   "gates": report["gates"], "heldout_suite": report["heldout_suite"], "data": report.get("data"),
+                   "mlflow_run_id": report["mlflow_run_id"]}
     folder = Path(tempfile.mkdtemp(prefix="certificate-"))
     json_path, md_path = write_certificate(folder, certificate)
     mlflow.log_artifact(str(json_path), "certificate")

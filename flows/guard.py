@@ -2,7 +2,8 @@
 
 The check covers every forget target the champion carries (earlier erasures included) and the
 retain/regression suite: retain accuracy must stay at or above ``min_retain_accuracy`` and every
-carried target must stay forgotten (``max_forget_accuracy``).
+carried target must stay forgotten (``max_forget_accuracy``). Held-out metrics are measured (and
+logged) on the held-out suite the champion was promoted on, else the configured one.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def guard_flow(model_name: str | None = None, settings: ErasureSettings | None =
     logger = get_run_logger()
     name = model_name or settings.model_name
     champion = load_champion(settings, name)
-    eval_set = reference_eval_set(settings, champion.bundle.image_size)
-    with mlflow.start_run(run_name=f"guard-v{champion.version}", tags={"erasure.kind": "guard", "erasure.model_version": champion.version}):
+    eval_set = reference_eval_set(settings, champion.bundle.image_size, champion.heldout_suite)
+    with mlflow.start_run(run_name=f"guard-v{champion.version}", tags={"erasure.kind": "guard", "erasure.model_version": champion.version,
+                                                                     "erasure.heldout_suite": eval_set.heldout.name}):
         evaluation = evaluate_model(champion.bundle, eval_set, champion.targets)
         metrics = evaluation.metrics
         mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})
@@ -35,7 +37,8 @@ def guard_flow(model_name: str | None = None, settings: ErasureSettings | None =
             failures.append(f"retain accuracy {metrics.get('retain_accuracy', float('nan')):.4f} < {settings.min_retain_accuracy}")
         if champion.targets and metrics.get("forget_accuracy", 1.0) > settings.max_forget_accuracy:
             failures.append(f"forget accuracy {metrics['forget_accuracy']:.4f} > {settings.max_forget_accuracy}")
-        verdict = {"model": name, "champion": champion.version, "passed": not failures, "failures": failures, "metrics": metrics}
+        verdict = {"model": name, "champion": champion.version, "passed": not failures, "failures": failures, "metrics": metrics,
+                   "heldout_suite": eval_set.heldout.as_dict()}
         mlflow.set_tags({"erasure.guard_passed": str(not failures).lower(), "erasure.guard_failures": "; ".join(failures)})
         if failures:
             verdict["rollback"] = rollback_champion(settings, name, None, "guard: " + "; ".join(failures))

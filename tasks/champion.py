@@ -25,6 +25,7 @@ from unlearning.methods.base import ForgetTarget
 from unlearning.models import ClipBundle, load_model
 
 TARGETS, REQUEST_IDS, PARENT = "erasure.targets", "erasure.request_ids", "erasure.parent_version"
+HELDOUT_SUITE = "erasure.heldout_suite"  # the held-out suite the version was promoted on (a name or the suite's JSON)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Champion:
     bundle: ClipBundle
     targets: list[ForgetTarget] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
+    heldout_suite: str | None = None  # None: promoted before suites were recorded (or bootstrapped)
 
 
 def carried(version_tags: dict) -> tuple[list[ForgetTarget], list[str]]:
@@ -64,7 +66,7 @@ def load_champion(settings: ErasureSettings, model_name: str | None = None, alia
     targets, request_ids = carried(version.tags)
     bundle = load_model(f"local-dir:{folder}", device=device or settings.device)
     get_run_logger().info("champion %s v%s carries %d earlier erasure(s)", name, version.version, len(targets))
-    return Champion(name, str(version.version), folder, bundle, targets, request_ids)
+    return Champion(name, str(version.version), folder, bundle, targets, request_ids, version.tags.get(HELDOUT_SUITE))
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import mlflow
 from prefect import get_run_logger, task
@@ -15,11 +16,11 @@ from tasks import storage
 from tasks.request import ErasureRequest
 from tasks.settings import ErasureSettings
 from tasks.validation import ValidationReport, validate_request_data
-from unlearning.data import Record, load_images, read_manifest
-from unlearning.erasure_data import build_unlearning_data
-from unlearning.evaluation import EvalSet
+from unlearning.data import Record, read_manifest
+from unlearning.erasure_data import build_unlearning_data, evaluation_records, rows_in, unknown_target
+from unlearning.evaluation import EvalSet, build_eval_set
+from unlearning.heldout import HeldoutSuite
 from unlearning.methods.base import ForgetTarget, LabelledImages, UnlearningData
-from unlearning.world import COLOURS, SIZES, world_probes
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ErasureData:
     members: LabelledImages | None  # the forget images trained on, for membership inference
     manifest_hashes: dict[str, str]
     validation: ValidationReport
+    summary: dict = field(default_factory=dict)  # counts of what went where (data_summary), for the report and MLflow
 
 
 def file_hash(path: Path) -> str:
@@ -51,59 +53,93 @@ def local_manifest(uri: str | None, settings: ErasureSettings) -> Path | None:
     return path
 
 
-def eval_set_of(records: list[Record], image_size: int) -> EvalSet:
-    """Evaluation images with the held-out probes available for them: the world's probes (over the
-    retained shapes) when the records carry its colour and size attributes, none otherwise."""
-    probes = None
-    if records and all(k in records[0].attributes for k in ("colour", "size")):
-        values = {r.attributes["colour"] for r in records} | {r.attributes["size"] for r in records}
-        if values <= set(COLOURS) | set(SIZES):
-            probes = world_probes
-    return EvalSet(records, load_images(records, image_size), probes_for=probes)
+def eval_set_of(records: list[Record], image_size: int, heldout_suite: str | HeldoutSuite | None = None,
+                seen_captions: Iterable[str] = ()) -> EvalSet:
+    """Evaluation images with their held-out suite (:func:`unlearning.evaluation.build_eval_set`).
+
+    Args:
+        heldout_suite: a built-in name, a suite file or a suite; None: "auto" (the world's probes on
+            the shapes world, else the retained classes under unseen paraphrase templates).
+        seen_captions: the reference data's captions; no held-out template may match one.
+    """
+    return build_eval_set(records, image_size, heldout_suite or "auto", seen_captions)
 
 
 @task(name="validate-and-prepare-data", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def prepare_data(request: ErasureRequest, settings: ErasureSettings, image_size: int, earlier: list[ForgetTarget]) -> ErasureData:
     """Fetch manifests, validate them with Great Expectations (stop before any training on failure),
-    and build the library's inputs: forget/retain/stop sets and the evaluation set."""
+    and build the library's inputs: forget/retain/stop sets and the evaluation set.
+
+    The reference data (the owner's manifest) gives the class set and, unless the request brings
+    its own retain manifest, the retain pool. Forget images may be reference images: they then
+    leave the retain pool and the evaluation's retain side, and ``summary`` counts them
+    (``forget_rows_in_reference``). Every row of a request's retain manifest is retain data.
+    """
     logger = get_run_logger()
     reference_path = Path(settings.reference_manifest or settings.world_dir / "manifest.jsonl")
-    forget_path = local_manifest(request.forget_manifest or request.target.pairs_manifest, settings)
-    retain_path = local_manifest(request.retain_manifest, settings) or reference_path
     reference = read_manifest(reference_path)
     classnames = sorted({r.label for r in reference})
     target = request.target.to_forget_target()
-    if target.kind == "association" and not target.captions and forget_path:
-        # the pairs to forget are named by the manifest: their captions identify them in evaluation
-        target = target.model_copy(update={"captions": sorted({r.caption for r in read_manifest(forget_path)})})
+    problem = unknown_target(target, reference)
+    if problem:  # before any download or validation
+        raise ValueError(problem)
+    forget_path = local_manifest(request.forget_manifest or request.target.pairs_manifest, settings)
+    retain_path = local_manifest(request.retain_manifest, settings)
 
-    report = validate_request_data(forget_path, retain_path, classnames, settings.allowed_buckets)
+    # The reference data is not a retain manifest here: forget images may be part of it.
+    report = validate_request_data(forget_path, retain_path, classnames, settings.allowed_buckets, target=target, erased=earlier)
+    report.notes.append(f"reference: the owner's manifest {reference_path} is the model's training data, not re-validated per request")
     mlflow.log_dict(report.to_dict(), "validation/gx_report.json")
     mlflow.log_text(report.to_markdown(), "validation/gx_report.md")
     report.raise_for_failure()
-    if target.kind in ("class", "subgroup") and not any(target.matches(r) for r in reference):
-        raise ValueError(f"target: {target.name!r} matches no image of the model's reference data; "
-                         f"use one of the known classes: {', '.join(classnames)}")
 
     forget_records = read_manifest(forget_path) if forget_path else None
     if forget_path and not forget_records:
         raise ValueError(f"forget_manifest {request.forget_manifest} is empty: list the images to forget")
-    retain_reference = read_manifest(retain_path) if retain_path != reference_path else reference
-    unlearning = build_unlearning_data(target, retain_reference, image_size, forget_records, earlier, seed=request.seeds[0])
+    if target.kind == "association" and not target.captions and forget_records:
+        # the pairs to forget are named by the manifest: their captions identify them in evaluation
+        target = target.model_copy(update={"captions": sorted({r.caption for r in forget_records})})
+    retain_records = read_manifest(retain_path) if retain_path else None
+    unlearning = build_unlearning_data(target, reference, image_size, forget_records, earlier, retain_records=retain_records,
+                                       seed=request.seeds[0])
 
     test = [r for r in reference if r.split == "test"] or reference
-    eval_set = eval_set_of(test, image_size)
+    evaluated = evaluation_records(test, forget_records, [target, *earlier])
+    eval_set = eval_set_of(evaluated, image_size, request.heldout_suite or settings.heldout_suite,
+                           {r.caption for r in reference} | {r.caption for r in retain_records or ()})
     hashes = {"reference": file_hash(reference_path)}
     if forget_path:
         hashes["forget"] = file_hash(forget_path)
-    if retain_path != reference_path:
+    if retain_path:
         hashes["retain"] = file_hash(retain_path)
-    logger.info("data ready: %d forget, %d retain, %d eval images", len(unlearning.forget or []), len(unlearning.retain or []), len(test))
-    return ErasureData(target, reference, unlearning, eval_set, unlearning.forget, hashes, report)
+    summary = data_summary(unlearning, forget_records, retain_records, reference, len(evaluated), len(test) - len(evaluated))
+    mlflow.log_dict(summary, "validation/data_summary.json")
+    mlflow.log_metrics({f"data.{k}": v for k, v in summary.items() if isinstance(v, int)})
+    logger.info("data ready: %d forget (%d of them reference images), %d retain (%s), %d eval images", summary["forget_images"],
+                summary["forget_rows_in_reference"], summary["retain_images"], summary["retain_source"], len(evaluated))
+    return ErasureData(target, reference, unlearning, eval_set, unlearning.forget, hashes, report, summary)
 
 
-def reference_eval_set(settings: ErasureSettings, image_size: int) -> EvalSet:
-    """The retain/regression suite: the reference data's test split with its probes."""
+def data_summary(unlearning: UnlearningData, forget_records: list[Record] | None, retain_records: list[Record] | None,
+                 reference: list[Record], eval_images: int, eval_left_out: int) -> dict:
+    """What went where: forget/retain images used (after sampling), where they came from, and how
+    many forget rows are the owner's reference images (taken out of every retain set)."""
+    return {
+        "forget_images": len(unlearning.forget or []),
+        "forget_source": "forget_manifest" if forget_records else "reference train split",
+        "forget_manifest_rows": len(forget_records or []),
+        "forget_rows_in_reference": len(rows_in(forget_records, reference)) if forget_records else 0,
+        "retain_images": len(unlearning.retain or []),
+        "retain_source": "retain_manifest" if retain_records is not None else "reference train split",
+        "retain_manifest_rows": len(retain_records or []),
+        "eval_images": eval_images,
+        "eval_forget_images_left_out": eval_left_out,
+    }
+
+
+def reference_eval_set(settings: ErasureSettings, image_size: int, heldout_suite: str | HeldoutSuite | None = None) -> EvalSet:
+    """The retain/regression suite: the reference data's test split with its held-out suite
+    (``heldout_suite``, default the configured ``ERASURE_HELDOUT_SUITE``)."""
     reference = read_manifest(Path(settings.reference_manifest or settings.world_dir / "manifest.jsonl"))
     test = [r for r in reference if r.split == "test"] or reference
-    return eval_set_of(test, image_size)
+    return eval_set_of(test, image_size, heldout_suite or settings.heldout_suite, {r.caption for r in reference})

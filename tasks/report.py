@@ -83,9 +83,10 @@ def history_plot(history: Sequence[dict], keys: Sequence[str], title: str):
 
 
 def gate_markdown(gates: Sequence[dict]) -> str:
-    rows = ["| gate | value | threshold | result |", "|---|---|---|---|"]
+    rows = ["| gate | value | threshold | result | what it checks |", "|---|---|---|---|---|"]
     for g in gates:
-        rows.append(f"| {g['name']} | {g['value']:.4f} | {g['comparison']} {g['threshold']:.4f} | {'pass' if g['passed'] else '**FAIL**'} |")
+        rows.append(f"| {g['name']} | {g['value']:.4f} | {g['comparison']} {g['threshold']:.4f} | {'pass' if g['passed'] else '**FAIL**'} "
+                    f"| {g.get('description', '')} |")
     return "\n".join(rows)
 
 
@@ -97,6 +98,13 @@ def metrics_markdown(before: dict[str, float], after: dict[str, float]) -> str:
         fmt = lambda v: "" if v is None else f"{100 * v:.2f} %"  # noqa: E731
         rows.append(f"| {key} | {fmt(b)} | {fmt(a)} | {change} |")
     return "\n".join(rows)
+
+
+def _data_line(data: dict) -> str:
+    """The certificate's account of the data (``tasks.data.data_summary``)."""
+    return (f"- Data: {data['forget_images']} forget images from the {data['forget_source']} "
+            f"({data['forget_rows_in_reference']} of the forget rows are the owner's reference images, kept out of the "
+            f"retain data); {data['retain_images']} retain images from the {data['retain_source']}")
 
 
 def write_certificate(folder: Path, certificate: dict) -> tuple[Path, Path]:
@@ -113,6 +121,9 @@ def write_certificate(folder: Path, certificate: dict) -> tuple[Path, Path]:
         f"- Model: `{certificate['model_name']}` version {certificate['model_version']} (parent {certificate['parent_version']})",
         f"- Decision: **{certificate['decision']}**",
         f"- Forget targets carried by this version: {', '.join(certificate['carried_targets'])}",
+        *([_data_line(certificate["data"])] if certificate.get("data") else []),
+        *([f"- Held-out suite: {certificate['heldout_suite']['name']} ({certificate['heldout_suite']['kind']}; "
+           f"probes: {', '.join(certificate['heldout_suite']['probes']) or 'none'})"] if certificate.get("heldout_suite") else []),
         "",
         "## Evidence",
         "",

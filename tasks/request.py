@@ -27,8 +27,10 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -36,6 +38,7 @@ from pydantic import (
 )
 
 from tasks.validation import split_s3_uri
+from unlearning.heldout import HeldoutSuite, check_suite_reference
 from unlearning.target import ForgetTarget
 
 AUTO_METHOD = "auto"
@@ -101,6 +104,15 @@ class GateThresholds(BaseModel):
     max_heldout_drop: Fraction = Field(description="Largest allowed drop in zero-shot accuracy on held-out probes.")
 
 
+# A held-out suite by name or file ("paraphrase", "suites/heldout.json"), or inline ({"name": ...,
+# "templates": [...]}). The tags pick one branch, so an error reports only that branch's problem.
+SUITE_TAGS = ("suite-name", "suite-inline")
+HeldoutSuiteRef = Annotated[
+    Annotated[Annotated[str, AfterValidator(check_suite_reference)], Tag(SUITE_TAGS[0])] | Annotated[HeldoutSuite, Tag(SUITE_TAGS[1])],
+    Discriminator(lambda value: SUITE_TAGS[0] if isinstance(value, str) else SUITE_TAGS[1]),
+]
+
+
 class ErasureRequest(BaseModel):
     """One erasure request, as submitted; ``content_hash()`` identifies it for idempotency."""
 
@@ -111,12 +123,22 @@ class ErasureRequest(BaseModel):
                                         description="When the erasure was requested (ISO 8601 with a zone); default now.")
     requester: NonEmptyStr = Field(description="Who asked (person, team or system), for the audit trail.")
     target: TargetSpec
-    forget_manifest: Location | None = Field(default=None, description="Manifest of images to forget: local path or s3://bucket/key.")
-    retain_manifest: Location | None = Field(default=None, description="Manifest of images to keep: local path or s3://bucket/key.")
+    forget_manifest: Location | None = Field(default=None, description=(
+        "Manifest of images to forget: local path or s3://bucket/key. Every row must be an image of a class or subgroup "
+        "target. Rows may be images of the model's reference data: those leave the retain data and the evaluation's "
+        "retain side. Default: the target's images in the reference data's train split."))
+    retain_manifest: Location | None = Field(default=None, description=(
+        "Manifest of images to keep: local path or s3://bucket/key. Every row is retain data, whatever its split; none "
+        "may be in forget_manifest or be an image of a forgotten class or subgroup. The class set still comes from the "
+        "reference data. Default: the reference data's train split, without forgotten targets and forget images."))
     method: str = Field(default=AUTO_METHOD, examples=[AUTO_METHOD, *METHOD_NAMES],
                         description="Unlearning method from the registry, or 'auto' to pick one for the target.")
     model: NonEmptyStr | None = Field(default=None, description="Registered model to erase from; default: the configured champion.")
     gates: GateThresholds | None = Field(default=None, description="Promotion gates; default: the configured gates.")
+    heldout_suite: HeldoutSuiteRef | None = Field(
+        default=None, description='Held-out suite of the held-out gate: "auto", "world", "paraphrase", a suite .json file, or '
+        'a suite inline, e.g. {"name": "sketches", "templates": ["a sketch of a {}."]} (format: unlearning/heldout.py); '
+        "default: the configured ERASURE_HELDOUT_SUITE.")
     method_config: dict[str, Any] = Field(default_factory=dict, description="Overrides of the method's hyperparameters, e.g. "
                                           '{"max_steps": 100}; checked against the method\'s config (unknown keys are refused).')
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default=[0], min_length=1, description="Random seeds; the first seeds the "
@@ -239,6 +261,7 @@ _HINTS = {
     "seeds": "use a non-empty list of non-negative integers, e.g. [0, 1, 2]",
     "time_budget_s": "use a positive number of seconds, e.g. 600",
     "dry_run": "use true or false",
+    "heldout_suite": 'use "auto", "paraphrase", a suite .json path or {"name": "sketches", "templates": ["a sketch of a {}."]}',
     "gates": 'use {"max_forget_accuracy": 0.05, "max_retain_drop": 0.05, "max_heldout_drop": 0.05} or leave it out',
 }
 # A validator message that starts with the fields it is about: "target.class_name is required ...".
@@ -255,7 +278,7 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def _format_error(error: dict) -> str:
-    loc = error["loc"]
+    loc = tuple(part for part in error["loc"] if part not in SUITE_TAGS)  # union branches are no fields
     kind = error["type"]
     message = error["msg"].removeprefix("Value error, ")
     field = next((part for part in reversed(loc) if isinstance(part, str)), "request")

@@ -20,6 +20,8 @@ from typing import Annotated, Literal
 from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from unlearning.heldout import check_suite_reference
+
 
 class ErasureSettings(BaseSettings):
     """Paths, services and gate defaults of the erasure pipeline.
@@ -58,10 +60,19 @@ class ErasureSettings(BaseSettings):
     max_forget_accuracy: float = 0.05
     max_retain_drop: float = 0.02
     max_heldout_drop: float = 0.02
+    # Which held-out suite the held-out gate (and the guard) probes: "auto" (the world's probes on
+    # the shapes world, else the retained classes under unseen paraphrase templates), "world",
+    # "paraphrase", or a suite .json file (format: unlearning/heldout.py). A request may name its own.
+    heldout_suite: str = "auto"
     # Guard: never promote a model below this retain accuracy, whatever the champion scored.
     min_retain_accuracy: float = 0.85
 
     prefect_api_url: str | None = None
+
+    @field_validator("heldout_suite")
+    @classmethod
+    def _known_suite(cls, value: str) -> str:
+        return check_suite_reference(value)
 
     @field_validator("allowed_buckets", mode="before")
     @classmethod

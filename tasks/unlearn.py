@@ -6,8 +6,10 @@ params, its per-step history as metric curves, and its plots and synthetic image
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import mlflow
 import torch
@@ -16,9 +18,10 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.report import confusion_plot, history_plot, image_grid
 from unlearning.evaluation import EvalSet, Evaluation, Gate, check_gates, evaluate
-from unlearning.methods import get_method, run_method
+from unlearning.methods import METHODS, get_method, run_method, unmet_needs
 from unlearning.methods.base import ForgetTarget, UnlearningData
 from unlearning.models import ClipBundle
+from unlearning.precision import Precision
 
 # `auto`: first choice by target kind, escalating to the next when the gates fail.
 AUTO_PLAN = {
@@ -28,17 +31,77 @@ AUTO_PLAN = {
 }
 
 
-def plan_methods(method: str, target: ForgetTarget, data: UnlearningData) -> list[str]:
-    """The methods to try, in order. Methods whose data needs are unmet are skipped for ``auto``."""
+def plan_methods(method: str, target: ForgetTarget, data: UnlearningData,
+                 config_of: Callable[[str], dict] | None = None) -> list[str]:
+    """The methods to try, in order, each checked up front for the data it needs, so that no
+    method starts (or dies) without it.
+
+    Args:
+        method: the request's method, or ``auto`` (skips methods whose needs are unmet).
+        config_of: method -> its validated config, for needs that depend on it (e.g. a stop set).
+
+    Raises:
+        ValueError: the named method, or every method ``auto`` could pick, lacks something; the
+            message names the request field to change and how.
+    """
+    def unmet(name: str, configured: bool = True) -> list[str]:
+        config = get_method(name).config_cls.model_validate(config_of(name)) if config_of and configured else None
+        return unmet_needs(name, target, data, config)
+
+    def auto_plan(configured: bool) -> list[str]:
+        plan = [name for name in AUTO_PLAN[target.kind] if not unmet(name, configured)]
+        if not plan and not unmet("lipschitz", configured):
+            plan = ["lipschitz"]  # no real data at all: the zero-shot (synthetic) method
+        return plan
+
+    def other() -> str | None:
+        """A way out to offer (configs aside: they are the request's to change). Not finetune: a
+        baseline that trains on retain data only and erases nothing by itself."""
+        if method != "auto" and auto_plan(False):
+            return "auto"
+        return next((n for n in sorted(METHODS) if n != "finetune" and not unmet(n, False)), None)
+
     if method != "auto":
+        problems = unmet(method)
+        if problems:
+            raise ValueError(_unmet_message(method, target, problems[0], other()))
         return [method]
-    plan = []
-    for name in AUTO_PLAN[target.kind]:
-        spec = get_method(name)
-        if (spec.needs_forget_data and not data.forget) or (spec.needs_retain_data and not data.retain):
-            continue
-        plan.append(name)
-    return plan or ["lipschitz"]  # no real data at all: the zero-shot (synthetic) method
+    plan = auto_plan(True)
+    if not plan:
+        first = AUTO_PLAN[target.kind][0]
+        raise ValueError(_unmet_message(first, target, unmet(first)[0], other(), auto=True))
+    return plan
+
+
+def _unmet_message(method: str, target: ForgetTarget, need: str, other: str | None, auto: bool = False) -> str:
+    """One line for an unmet need of ``method`` (see :func:`unmet_needs`): the request field and the fix.
+
+    ``other``: a method (or "auto") that can run on the data given, offered as the other way out.
+    """
+    who = (f"every method \"auto\" picks for {target.kind} targets ({', '.join(AUTO_PLAN[target.kind])})" if auto
+           else f"method {method!r}")
+    instead = f', or use "method": {json.dumps(other)}' if other else ""
+    if need == "target_kind":
+        fitting = sorted(m.name for m in METHODS.values() if target.kind in m.target_kinds)
+        return f'method: {method!r} cannot erase {target.kind} targets — use "auto" or one of: {", ".join(fitting)}'
+    if need == "forget_index":
+        return (f"target: {target.name!r} is not among the model's classes (from its reference data) — "
+                "name a class, or a subgroup, that the reference data has")
+    if need == "forget":
+        if target.kind == "association":
+            return (f"forget_manifest: {who} needs the image-text pairs to forget, and there are none (the request lists "
+                    "none and no reference train image has the target's captions) — add a forget_manifest "
+                    "(or target.pairs_manifest) listing them" + instead)
+        return (f"forget_manifest: {who} needs real images of {target.name!r} to forget, and there are none (the request "
+                "lists none and the reference data's train split has none) — add a forget_manifest listing them" + instead)
+    if need == "retain":
+        return (f"retain_manifest: {who} needs images to keep, and there are none (the request lists none and the "
+                "reference data's train split has no image outside the forgotten targets) — add a retain_manifest "
+                "listing images the model must keep knowing" + instead)
+    if need == "forget_val":
+        return (f"method_config.stop_set: {method!r} with stop_set 'forget_val' needs held-out images of {target.name!r} "
+                "in the reference data's val split, and it has none — use stop_set 'train' or 'heldout'")
+    return f"method: {who} needs data.{need}, which the request's data lacks — " + (instead.removeprefix(", or ") or "change the method")
 
 
 @dataclass
@@ -74,7 +137,7 @@ def _log_history(history: list[dict]) -> None:
 @task(name="unlearn", cache_policy=NO_CACHE, timeout_seconds=3600)
 def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data: UnlearningData, eval_set: EvalSet,
                    all_targets: list[ForgetTarget], before: Evaluation, thresholds: dict[str, float],
-                   config: dict | None = None, members=None) -> Attempt:
+                   config: dict | None = None, members=None, precision: Precision | None = None) -> Attempt:
     """Unlearn ``target`` from a copy of the champion with ``method``, evaluate, and check the gates.
 
     Logs a nested MLflow run named after the method (call inside the request's active run).
@@ -96,7 +159,8 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
                 last_log[0] = time.perf_counter()
                 logger.info("%s step %s: %s", method, row.get("step"), {k: v for k, v in row.items() if isinstance(v, float)})
 
-        result = run_method(method, candidate.model, candidate.tokenizer, target, data, config_model, original=original, progress=progress)
+        result = run_method(method, candidate.model, candidate.tokenizer, target, data, config_model, original=original,
+                            progress=progress, precision=precision)
         seconds = time.perf_counter() - started
         candidate.model = result.model
         evaluated = time.perf_counter()

@@ -2,8 +2,16 @@
 
 GX checks columns, not files, so each manifest becomes a pandas DataFrame whose per-row facts are
 computed first with pathlib and PIL (``inside_root``, ``exists``, ``decodes``, ``width``,
-``height``, ``in_retain``); a GX suite then checks the raw columns and those facts. Files outside
-the manifest's root are never opened.
+``height``, ``single_frame``, ``content_format``, ``format_matches_name``, ``pixel_mode``,
+``in_retain``, ``target_fit``); a GX suite then checks the raw columns and those facts. Files
+outside the manifest's root are never opened, and each image is decoded once.
+
+Besides broken files, the suite refuses files that decode but would be read wrongly: captions
+longer than :data:`MAX_CAPTION_CHARS`, multi-frame images (which frame is the image?), content
+whose format is not the one its name says (a PNG named ``.jpg``), and pixel modes without a known
+range (32-bit ``I``, float ``F``; 16-bit greyscale is fine: ``unlearning.data.load_image``
+rescales it). With the request's target it also checks that forget rows are images of the target
+and that retain rows are not images of a forgotten class or subgroup.
 
 Traversal is checked on the raw ``image_path`` strings: :func:`unlearning.data.read_manifest`
 joins them onto the manifest's folder, which hides an absolute path's origin, so
@@ -28,12 +36,18 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import pandas as pd
 from PIL import Image
 
+from unlearning.target import ForgetTarget
+
 if TYPE_CHECKING:
     from unlearning.data import Record
 
-# As unlearning.data.REQUIRED_COLUMNS (not imported: that module loads torch).
+# As unlearning.data.REQUIRED_COLUMNS and LOADABLE_MODES (not imported: that module loads torch).
 REQUIRED_COLUMNS = ("image_path", "label", "caption")
+LOADABLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I;16", "I;16L", "I;16B", "I;16N")
 MIN_SIDE, MAX_SIDE = 8, 8192
+# CLIP reads a caption's first 77 tokens; far longer text is a broken export or an attack on memory and logs.
+MAX_CAPTION_CHARS = 1000
+SHOWN_CHARS = 60  # of a label or caption quoted in a report
 SHOWN_VALUES = 5  # offending values kept per check
 
 Fetch = Callable[[str], bytes]  # reads an s3:// URI's bytes; raises if the object is missing
@@ -178,37 +192,95 @@ def validate_manifest_file(path: str | Path, role: str, class_names: Sequence[st
 
 def validate_request_data(forget_path: str | Path | None, retain_path: str | Path | None, class_names: Sequence[str],
                           allowed_buckets: Sequence[str] = (), fetch: Fetch | None = None,
-                          root: str | Path | None = None) -> ValidationReport:
+                          root: str | Path | None = None, target: ForgetTarget | None = None,
+                          erased: Sequence[ForgetTarget] = ()) -> ValidationReport:
     """Validate a request's forget and retain manifests, and that no image is in both.
 
     Args:
         forget_path: the forget manifest (None: the request brings none).
-        retain_path: the retain manifest (None: the request brings none).
+        retain_path: the request's own retain manifest (None: it brings none; the owner's reference
+            data, which the forget images may be part of, is not one).
         class_names: the model's classes.
         allowed_buckets: buckets S3 images may live in (see :func:`validate_manifest_file`).
         fetch: reads an ``s3://`` URI's bytes (see :func:`validate_manifest_file`).
         root: the folder every image must stay inside; default each manifest's own folder.
+        target: the request's target: each forget row must be an image of it (class and subgroup
+            targets), and no retain row may be.
+        erased: targets the model has forgotten before: no retain row may be an image of them.
     """
     paths = {role: path for role, path in (("forget", forget_path), ("retain", retain_path)) if path is not None}
-    return _validate_files(paths, class_names, allowed_buckets, fetch, root)
+    return _validate_files(paths, class_names, allowed_buckets, fetch, root, target, erased)
 
 
 def _validate_files(paths: dict[str, str | Path], class_names: Sequence[str], allowed_buckets: Sequence[str],
-                    fetch: Fetch | None, root: str | Path | None) -> ValidationReport:
+                    fetch: Fetch | None, root: str | Path | None, target: ForgetTarget | None = None,
+                    erased: Sequence[ForgetTarget] = ()) -> ValidationReport:
     frames, unreadable, notes = {}, {}, []
     for role, path in paths.items():
-        frame, problem, role_notes = _load(path, role, allowed_buckets, fetch, root)
+        frame, problem, role_notes = _load(path, role, allowed_buckets, fetch, root, _target_fit(role, target, erased))
         notes += role_notes
         if frame is not None:
             frames[role] = frame
         else:
             unreadable[role] = problem
     sources = {role: str(path) for role, path in paths.items()}
-    return _validate(frames, sources, unreadable, class_names, allowed_buckets, notes)
+    return _validate(frames, sources, unreadable, class_names, allowed_buckets, notes, target)
 
 
-def _load(path: str | Path, role: str, allowed_buckets: Sequence[str], fetch: Fetch | None, root: str | Path | None
-          ) -> tuple[pd.DataFrame | None, str | None, list[str]]:
+# Why a raw row does not fit the request's targets (None: it fits); see _target_fit.
+Fit = Callable[[dict, dict], "str | None"]
+
+
+def _target_fit(role: str, target: ForgetTarget | None, erased: Sequence[ForgetTarget]) -> Fit | None:
+    """For a forget manifest: why a row is not an image of a class or subgroup ``target``. For a
+    retain manifest: which forgotten class or subgroup (``target`` or ``erased``) a row is an image of.
+    None when there is nothing to check (association targets are pairs, not labels)."""
+    if role == "forget":
+        if target is None or target.kind == "association":
+            return None
+
+        def misfit(row: dict, attributes: dict) -> str | None:
+            record = _RowView(str(row.get("label")), str(row.get("caption")), attributes)
+            if target.matches(record):
+                return None
+            if record.label != target.class_name:
+                return f"labelled {_shorten(record.label)}"
+            if target.attribute not in attributes:
+                return f"no {target.attribute} attribute"
+            return f"{target.attribute} {_shorten(str(attributes[target.attribute]))}"
+        return misfit
+    forgotten = [t for t in ([target] if target else []) + list(erased) if t.kind != "association"]
+    if not forgotten:
+        return None
+
+    def forgotten_image(row: dict, attributes: dict) -> str | None:
+        record = _RowView(str(row.get("label")), str(row.get("caption")), attributes)
+        hit = next((t for t in forgotten if t.matches(record)), None)
+        if hit is None:
+            return None
+        return f"an image of the target {hit.name!r}" if hit is target else f"an image of {hit.name!r}, erased before"
+    return forgotten_image
+
+
+@dataclass(frozen=True)
+class _RowView:
+    """The parts of a raw row that ForgetTarget.matches reads, as read_manifest would make them."""
+
+    label: str
+    caption: str
+    attributes: dict
+
+
+def _attributes(row: dict, csv_format: bool) -> dict:
+    """A raw row's attributes as read_manifest reads them: the "attributes" object, or a CSV's extra columns."""
+    if csv_format:
+        return {k: v for k, v in row.items() if k not in (*REQUIRED_COLUMNS, "split")}
+    attributes = row.get("attributes")
+    return attributes if isinstance(attributes, dict) else {}
+
+
+def _load(path: str | Path, role: str, allowed_buckets: Sequence[str], fetch: Fetch | None, root: str | Path | None,
+          fit: Fit | None = None) -> tuple[pd.DataFrame | None, str | None, list[str]]:
     """(frame, None, notes), or (None, why the manifest is unreadable, [])."""
     location = str(path)
     own = _S3_URI.match(location)
@@ -216,10 +288,14 @@ def _load(path: str | Path, role: str, allowed_buckets: Sequence[str], fetch: Fe
         allowed_buckets = [own["bucket"]]
     try:
         text, base = _read_text(location, allowed_buckets, fetch)
-        rows = _parse_rows(text, csv_format=location.endswith(".csv"))
+        csv_format = location.endswith(".csv")
+        rows = _parse_rows(text, csv_format=csv_format)
     except _Unreadable as exc:
         return None, str(exc), []
     frame = _frame(rows, base, allowed_buckets, fetch, root)
+    if fit is not None:
+        # A row without a label is reported by label_not_null alone.
+        frame["target_fit"] = [None if _isnull(row.get("label")) else fit(row, _attributes(row, csv_format)) for _, row in rows]
     unopened = sum(1 for where, inside, exists in zip(frame["resolved"], frame["inside_root"], frame["exists"])
                    if inside is True and exists is None and where.startswith("s3://"))
     notes = [f"{role}: {unopened} S3 images were not opened (no fetch function); only their paths were checked"] if unopened else []
@@ -292,10 +368,9 @@ def _frame(rows: list[tuple[int, dict]], base: str, allowed_buckets: Sequence[st
         if values.get("image_path") is not None and not values["image_path"].strip():
             values["image_path"] = None  # a blank path is a missing path
         resolved, inside = _locate(values.get("image_path"), base, root, allowed_buckets)
-        exists, decodes, width, height = _inspect(resolved, fetch) if inside else (None, None, None, None)
-        records.append({"row": number, **values, "resolved": resolved, "inside_root": inside, "exists": exists,
-                        "decodes": decodes, "width": width, "height": height})
-    columns = ["row", *present, "resolved", "inside_root", "exists", "decodes", "width", "height"]
+        facts = _inspect(resolved, fetch) if inside else dict.fromkeys(IMAGE_FACTS)
+        records.append({"row": number, **values, "resolved": resolved, "inside_root": inside, **facts})
+    columns = ["row", *present, "resolved", "inside_root", *IMAGE_FACTS]
     # object dtype keeps None as None (not NaN) and booleans as booleans for the set checks.
     return pd.DataFrame(records, columns=columns, dtype=object)
 
@@ -328,28 +403,40 @@ def _locate(raw: str | None, base: str, root: Path | None, allowed_buckets: Sequ
     return str(resolved), resolved.is_relative_to(root)
 
 
-def _inspect(location: str, fetch: Fetch | None) -> tuple[bool | None, bool | None, int | None, int | None]:
-    """(exists, decodes, width, height); None where not checked."""
+IMAGE_FACTS = ("exists", "decodes", "width", "height", "single_frame", "content_format", "format_matches_name", "pixel_mode")
+# Formats one file extension may hold: Pillow reads camera JPEGs that carry a preview as "MPO".
+_FORMAT_FAMILY = {"MPO": "JPEG"}
+
+
+def _inspect(location: str, fetch: Fetch | None) -> dict:
+    """The :data:`IMAGE_FACTS` of one image, from its header and one decode; None where not checked."""
+    facts: dict = dict.fromkeys(IMAGE_FACTS)
     if location.startswith("s3://"):
         if fetch is None:
-            return None, None, None, None
+            return facts
         try:
             source = io.BytesIO(fetch(location))
         except Exception:  # a fetcher's "missing" is backend-specific (ClientError, KeyError, ...)
-            return False, None, None, None
+            return {**facts, "exists": False}
     else:
         if not Path(location).is_file():
-            return False, None, None, None
+            return {**facts, "exists": False}
         source = location
+    facts["exists"] = True
     try:
         with Image.open(source) as image:
-            width, height = image.size
-            if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
-                return True, None, width, height  # not decoded: the size check already fails, and it may be a bomb
+            named = Image.registered_extensions().get(posixpath.splitext(location)[1].lower())
+            facts.update(width=image.width, height=image.height, content_format=image.format, pixel_mode=image.mode,
+                         format_matches_name=_FORMAT_FAMILY.get(named, named) == _FORMAT_FAMILY.get(image.format, image.format))
+            if not (MIN_SIDE <= image.width <= MAX_SIDE and MIN_SIDE <= image.height <= MAX_SIDE):
+                return facts  # not decoded: the size check already fails, and it may be a bomb
+            # is_animated reads frame headers only; an MPO's second frame is a preview of the first.
+            facts["single_frame"] = image.format == "MPO" or not getattr(image, "is_animated", False)
             image.load()
     except Exception:  # PIL plugins raise OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        return True, False, None, None
-    return True, True, width, height
+        return {**dict.fromkeys(IMAGE_FACTS), "exists": True, "decodes": False}
+    facts["decodes"] = True
+    return facts
 
 
 def _isnull(value) -> bool:
@@ -363,7 +450,8 @@ class _Check:
     fix: str
 
 
-def _checks(role: str, frame: pd.DataFrame, class_names: Sequence[str], allowed_buckets: Sequence[str]) -> list[tuple[_Check, object]]:
+def _checks(role: str, frame: pd.DataFrame, class_names: Sequence[str], allowed_buckets: Sequence[str],
+            target: ForgetTarget | None = None) -> list[tuple[_Check, object]]:
     """(check, GX expectation) pairs for one manifest; column checks only for columns it has."""
     import great_expectations.expectations as gxe
 
@@ -385,6 +473,9 @@ def _checks(role: str, frame: pd.DataFrame, class_names: Sequence[str], allowed_
     if "caption" in frame.columns:
         checks.append((_Check("caption_not_empty", "caption", "write a caption for every image"),
                        gxe.ExpectColumnValuesToMatchRegex(column="caption", regex=r"\S")))
+        checks.append((_Check("caption_length", "caption", f"shorten captions to at most {MAX_CAPTION_CHARS:,} characters "
+                              "(CLIP reads only a caption's first 77 tokens)"),
+                       gxe.ExpectColumnValueLengthsToBeBetween(column="caption", max_value=MAX_CAPTION_CHARS)))
     checks += [
         (_Check("image_path_unique", "resolved", "list each image once"),
          gxe.ExpectColumnValuesToBeUnique(column="resolved")),
@@ -395,6 +486,15 @@ def _checks(role: str, frame: pd.DataFrame, class_names: Sequence[str], allowed_
          gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True])),
         (_Check("image_decodes", "decodes", "replace these files with valid images (PNG, JPEG, ...)"),
          gxe.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True])),
+        (_Check("image_single_frame", "single_frame", "use images of 1 frame: animated GIFs, multi-page TIFFs and other "
+                "multi-frame files are refused; save the frame you mean as a PNG"),
+         gxe.ExpectColumnValuesToBeInSet(column="single_frame", value_set=[True])),
+        (_Check("image_format_matches_name", "format_matches_name", "name each file with its format's extension "
+                "(.png for PNG content, .jpg for JPEG), or convert it to the format its name says"),
+         gxe.ExpectColumnValuesToBeInSet(column="format_matches_name", value_set=[True])),
+        (_Check("image_mode_loadable", "pixel_mode", "save these images as 8-bit RGB or greyscale (16-bit greyscale also "
+                "works); 32-bit integer and float pixels have no known range"),
+         gxe.ExpectColumnValuesToBeInSet(column="pixel_mode", value_set=list(LOADABLE_MODES))),
     ]
     for side in ("width", "height"):
         checks.append((_Check("image_size_sane", side, f"use images between {MIN_SIDE} and {MAX_SIDE} px a side"),
@@ -403,11 +503,20 @@ def _checks(role: str, frame: pd.DataFrame, class_names: Sequence[str], allowed_
         checks.append((_Check("no_forget_retain_overlap", "in_retain",
                                "an image cannot be both forgotten and kept; remove it from one of the manifests"),
                        gxe.ExpectColumnValuesToBeInSet(column="in_retain", value_set=[False])))
+    if "target_fit" in frame.columns and role == "forget":
+        wanted = f"label {target.class_name!r}" + (f" and {target.attribute} {target.value!r}" if target.kind == "subgroup" else "")
+        checks.append((_Check("forget_row_in_target", "target_fit", f"list only images of the target {target.name!r} "
+                              f"({wanted}) in the forget manifest, or change the target"),
+                       gxe.ExpectColumnValuesToBeNull(column="target_fit")))
+    elif "target_fit" in frame.columns:
+        checks.append((_Check("retain_row_not_forgotten", "target_fit", "remove images of forgotten classes and subgroups "
+                              "from the retain manifest: training on them would teach the model back what it forgets"),
+                       gxe.ExpectColumnValuesToBeNull(column="target_fit")))
     return checks
 
 
 def _validate(frames: dict[str, pd.DataFrame], sources: dict[str, str], unreadable: dict[str, str], class_names: Sequence[str],
-              allowed_buckets: Sequence[str], notes: list[str] | None = None) -> ValidationReport:
+              allowed_buckets: Sequence[str], notes: list[str] | None = None, target: ForgetTarget | None = None) -> ValidationReport:
     """Run one GX suite per readable manifest; unreadable ones become failed ``manifest_readable`` rows."""
     report = ValidationReport(manifests=dict(sources), notes=list(notes or []))
     for role, problem in unreadable.items():
@@ -428,14 +537,15 @@ def _validate(frames: dict[str, pd.DataFrame], sources: dict[str, str], unreadab
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # tqdm bars would flood flow logs
     source = context.data_sources.add_pandas("manifests")
     for role, frame in frames.items():
-        checks = _checks(role, frame, class_names, allowed_buckets)
+        checks = _checks(role, frame, class_names, allowed_buckets, target)
         suite = gx.ExpectationSuite(name=f"{role}_manifest")
         for index, (_, expectation) in enumerate(checks):
             expectation.meta = {"check_index": index}
             suite.add_expectation(expectation)
         batch = source.add_dataframe_asset(name=role).add_batch_definition_whole_dataframe("whole").get_batch(
             batch_parameters={"dataframe": frame})
-        index_columns = ["row", "image_path"] if "image_path" in frame else ["row"]  # to name offending rows
+        # to name offending rows (and, for a format mismatch, what the content is)
+        index_columns = ["row", "image_path", "content_format"] if "image_path" in frame else ["row", "content_format"]
         result = batch.validate(suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": SHOWN_VALUES,
                                                       "unexpected_index_column_names": index_columns})
         for outcome in result.results:
@@ -454,19 +564,34 @@ def _check_result(role: str, check: _Check, outcome) -> CheckResult:
             return CheckResult(role, check.name, None, outcome.success, len(missing), shown, check.fix)
         return CheckResult(role, check.name, None, outcome.success, int(not outcome.success),
                            [] if outcome.success else [f"{result.get('observed_value')} rows"], check.fix)
-    shown = [_offender(item, check.column) for item in result.get("partial_unexpected_index_list") or []]
+    shown = [_offender(item, check) for item in result.get("partial_unexpected_index_list") or []]
     if outcome.exception_info and outcome.exception_info.get("raised_exception"):
         shown = [outcome.exception_info.get("exception_message", "GX raised an error")]
     return CheckResult(role, check.name, check.column, outcome.success, int(result.get("unexpected_count") or 0),
                        shown[:SHOWN_VALUES], check.fix)
 
 
-def _offender(item: dict, column: str) -> str:
-    """"images/a.png (row 3)", or the bad value itself for label and caption checks."""
+def _offender(item: dict, check: _Check) -> str:
+    """"images/a.png (row 3)", with what is wrong where the check alone does not say (a size, a
+    mode, a format), or the bad value itself for label and caption checks."""
+    column = check.column
     where = f"row {int(item['row'])}"
     value, path = item.get(column), item.get("image_path")
+    if check.name == "caption_length" and not _isnull(value):
+        return f"{path} ({len(value):,} characters, {where})" if not _isnull(path) else f"{len(value):,} characters ({where})"
     if column in ("label", "caption") and not _isnull(value):
-        return f"{json.dumps(value)} ({where})"
+        return f"{_shorten(value)} ({where})"
     if column in ("width", "height") and not _isnull(value):
         return f"{path} ({int(value)} px {column}, {where})"
+    if column == "pixel_mode" and not _isnull(value):
+        return f"{path} (mode {value}, {where})"
+    if column == "format_matches_name" and not _isnull(item.get("content_format")):
+        return f"{path} ({item['content_format']} content, {where})"
+    if column == "target_fit" and not _isnull(value):
+        return f"{path} ({value}, {where})"
     return f"{path} ({where})" if not _isnull(path) else where
+
+
+def _shorten(text: str) -> str:
+    """A value quoted for a report, cut to :data:`SHOWN_CHARS` characters."""
+    return json.dumps(text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "...")

@@ -122,3 +122,22 @@ def test_duplicate_request_id_reports_the_earlier_result(store, monkeypatch):
     assert again["idempotent"] and again["status"] == "rejected"
     assert len(registry.list_versions(store.model_name)) == versions
     assert len([e for e in ledger.entries(MlflowClient(), store.experiment) if e.request_id == "dup"]) == 1
+
+
+def test_forget_row_of_another_class_is_refused_naming_it(store, tmp_path, small_records):
+    manifest = forget_manifest(tmp_path, small_records)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[2]["label"] = "square"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf'forget_row_in_target failed for 1 row \(e.g. {rows[2]["image_path"]} \(labelled "square", row 3\)'):
+        run("wrong-label", forget_manifest=str(manifest))
+    untouched(store)
+
+
+def test_unknown_subgroup_value_fails_before_any_work_listing_known_values(store, monkeypatch):
+    import tasks.data
+
+    monkeypatch.setattr(tasks.data, "validate_request_data", lambda *a, **k: pytest.fail("validation ran for an unknown target"))
+    with pytest.raises(ValueError, match=r"^target.value: .*'teal'.* known values: .*red"):
+        run("teal", target={"kind": "subgroup", "class_name": "circle", "attribute": "colour", "value": "teal"})
+    untouched(store)

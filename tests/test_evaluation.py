@@ -60,7 +60,9 @@ def test_gates_pass_and_fail_on_the_right_side():
 
 def test_missing_metric_never_passes():
     gates = check_gates({}, {"forget_accuracy": math.nan}, 0.05, 0.02, 0.02)
-    assert [g.passed for g in gates] == [False, False]
+    # forget, retain and held-out are always gated: no candidate is promoted without them
+    assert [(g.name, g.passed) for g in gates] == [("forget_accuracy", False), ("retain_accuracy_drop", False),
+                                                    ("heldout_accuracy_drop", False)]
 
 
 def test_caption_recall_finds_own_caption():

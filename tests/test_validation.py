@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from tasks.validation import REQUIRED_COLUMNS, DataValidationError, validate_manifest_file, validate_manifests, validate_request_data
+from unlearning.target import ForgetTarget
 from unlearning.world import SHAPES, render
 
 CLASSES = list(SHAPES)
+CIRCLE = ForgetTarget(kind="class", class_name="circle")
 
 
 def _png(path: Path, side: int = 32, seed: int = 0) -> str:
@@ -214,3 +216,48 @@ def test_required_columns_match_the_loader():
     from unlearning.data import REQUIRED_COLUMNS as LOADER_COLUMNS
 
     assert REQUIRED_COLUMNS == LOADER_COLUMNS
+
+
+def test_forget_rows_must_be_images_of_a_class_target(data):
+    root, forget, retain = data
+    forget[1]["label"] = "square"
+    report = validate_request_data(_write(root / "forget.jsonl", forget), None, CLASSES, target=CIRCLE)
+    assert [(r.expectation, r.unexpected_count) for r in report.failures] == [("forget_row_in_target", 1)]
+    message = report.message()
+    assert 'images/1.png (labelled "square", row 2)' in message and "list only images of the target 'circle'" in message
+    assert validate_request_data(_write(root / "forget.jsonl", forget), None, CLASSES).success  # no target, no such check
+
+
+@pytest.mark.parametrize("csv_format", [False, True], ids=["jsonl", "csv"])
+def test_forget_rows_must_be_images_of_a_subgroup_target(data, csv_format):
+    root, forget, _ = data
+    target = ForgetTarget(kind="subgroup", class_name="circle", attribute="colour", value="red")
+    colours = ["red", "blue", None]  # the last row has no colour at all
+    if csv_format:
+        rows = [{**row, "colour": colour or ""} for row, colour in zip(forget, colours)]
+        path = root / "forget.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        shown = ['images/1.png (colour "blue", row 3)', 'images/2.png (colour "", row 4)']
+    else:
+        rows = [{**row, **({"attributes": {"colour": colour}} if colour else {})} for row, colour in zip(forget, colours)]
+        path = _write(root / "forget.jsonl", rows)
+        shown = ['images/1.png (colour "blue", row 2)', "images/2.png (no colour attribute, row 3)"]
+    report = validate_request_data(path, None, CLASSES, target=target)
+    assert [(r.expectation, r.unexpected_values) for r in report.failures] == [("forget_row_in_target", shown)]
+    assert "label 'circle' and colour 'red'" in report.message()
+
+
+def test_retain_rows_must_not_be_images_of_forgotten_targets(data):
+    root, forget, retain = data
+    retain[0]["label"] = "circle"
+    square = ForgetTarget(kind="class", class_name="square")
+    report = validate_request_data(_write(root / "forget.jsonl", forget), _write(root / "retain.jsonl", retain), CLASSES,
+                                   target=CIRCLE, erased=[square])
+    failed = {r.expectation: r for r in report.failures}
+    assert set(failed) == {"retain_row_not_forgotten"} and failed["retain_row_not_forgotten"].unexpected_count == 3
+    assert failed["retain_row_not_forgotten"].unexpected_values == [
+        "images/3.png (an image of the target 'circle', row 1)", "images/4.png (an image of 'square', erased before, row 2)",
+        "images/5.png (an image of 'square', erased before, row 3)"]

@@ -24,6 +24,9 @@ from PIL import Image
 REQUIRED_COLUMNS = ("image_path", "label", "caption")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Pillow modes that load_image maps to RGB faithfully ("I" and "F" have no fixed range).
+LOADABLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", *SIXTEEN_BIT_MODES)
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,26 @@ def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
     return path
 
 
+def _to_rgb(image: Image.Image, path: str | Path) -> Image.Image:
+    """RGB of an opened image; 16-bit greyscale is rescaled to 8 bits first, because
+    ``convert("RGB")`` clips its values at 255 (a 16-bit scan would turn almost white)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        levels = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((levels * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if image.mode not in LOADABLE_MODES:
+        raise ValueError(f"{path}: pixel mode {image.mode!r} has no known range to map to 8-bit RGB; "
+                         "save the image as 8-bit RGB (or 16-bit greyscale) PNG or JPEG")
+    return image.convert("RGB")
+
+
 def load_image(path: str | Path, image_size: int) -> np.ndarray:
-    """Decode one image to an ``image_size`` square RGB uint8 array (shortest-side resize, centre crop)."""
+    """Decode one image to an ``image_size`` square RGB uint8 array (shortest-side resize, centre crop).
+
+    16-bit greyscale is scaled to 8 bits (65535 -> 255); modes without a known range ("I", "F")
+    raise ValueError. Of a multi-frame file only the first frame is read (validation refuses those).
+    """
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = _to_rgb(image, path)
         if image.size != (image_size, image_size):
             scale = image_size / min(image.size)
             resized = (max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale)))

@@ -11,5 +11,6 @@ from unlearning.methods.base import (  # noqa: F401
     get_method,
     register,
     run_method,
+    unmet_needs,
 )
 from unlearning.methods import baselines, cliperase, lipschitz, three_stage  # noqa: F401,E402  (register)

@@ -25,6 +25,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from unlearning.precision import Precision, autocast, resolve_precision
 from unlearning.target import ForgetTarget, TargetKind  # noqa: F401  (re-exported)
 
 @dataclass
@@ -89,6 +90,10 @@ class MethodConfig(BaseModel):
             return getattr(self, f"subgroup_{name}")
         return getattr(self, name)
 
+    def data_needs(self) -> tuple[str, ...]:
+        """:class:`UnlearningData` fields this configuration needs beyond its method's (e.g. a stop set)."""
+        return ()
+
 
 @dataclass
 class MethodResult:
@@ -140,21 +145,41 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def unmet_needs(name: str, target: ForgetTarget, data: UnlearningData, config: MethodConfig | None = None) -> list[str]:
+    """What method ``name`` would need to run on ``target`` with ``data`` (and ``config``) but lacks.
+
+    Returns:
+        Empty when it can run; else any of ``"target_kind"`` (the method does not handle this kind
+        of target) and the missing :class:`UnlearningData` fields: ``"forget_index"`` (a class or
+        subgroup target outside ``data.classnames``), ``"forget"``, ``"retain"``, or one that
+        ``config.data_needs()`` names (e.g. ``"forget_val"``).
+    """
+    method = get_method(name)
+    unmet = [] if target.kind in method.target_kinds else ["target_kind"]
+    if target.kind != "association" and data.forget_index is None:
+        unmet.append("forget_index")
+    wanted = [*(["forget"] if method.needs_forget_data else []), *(["retain"] if method.needs_retain_data else []),
+              *(config.data_needs() if config is not None else ())]
+    return unmet + [need for need in dict.fromkeys(wanted) if not getattr(data, need)]
+
+
 def run_method(name: str, model: torch.nn.Module, tokenizer, target: ForgetTarget, data: UnlearningData,
                config: MethodConfig | dict | None = None, original: torch.nn.Module | None = None,
-               progress: ProgressFn | None = None) -> MethodResult:
-    """Look a method up, validate its inputs and config, and run it."""
+               progress: ProgressFn | None = None, precision: Precision | None = None) -> MethodResult:
+    """Look a method up, validate its inputs and config, and run it.
+
+    ``precision``: the resolved dtype (``unlearning.precision``); default fp32, as methods were calibrated."""
     method = get_method(name)
-    if target.kind not in method.target_kinds:
-        raise ValueError(f"method {name!r} handles {sorted(method.target_kinds)} targets, not {target.kind!r}")
-    if method.needs_forget_data and not data.forget:
-        raise ValueError(f"method {name!r} needs real forget data (data.forget)")
-    if method.needs_retain_data and not data.retain:
-        raise ValueError(f"method {name!r} needs retain data (data.retain)")
-    if method.needs_original and original is None:
-        raise ValueError(f"method {name!r} needs the frozen original model")
     if not isinstance(config, method.config_cls):
         config = method.config_cls.model_validate(config or {})
+    unmet = unmet_needs(name, target, data, config)
+    if "target_kind" in unmet:
+        raise ValueError(f"method {name!r} handles {sorted(method.target_kinds)} targets, not {target.kind!r}")
+    if unmet:
+        raise ValueError(f"method {name!r} needs data.{', data.'.join(unmet)}, which the data given lacks")
+    if method.needs_original and original is None:
+        raise ValueError(f"method {name!r} needs the frozen original model")
     torch.manual_seed(config.seed)
     model.eval()
-    return method.run(model, tokenizer, target, data, config, original=original, progress=progress)
+    with autocast(precision or resolve_precision("fp32"), next(model.parameters()).device):
+        return method.run(model, tokenizer, target, data, config, original=original, progress=progress)

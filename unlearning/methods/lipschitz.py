@@ -133,7 +133,13 @@ class LipschitzConfig(MethodConfig):
         if len(lengths) != 1 or not self.sigma_schedule:
             raise ValueError("sigma_schedule, k_visual_schedule and k_text_schedule must be non-empty and equally long "
                              "(one escalation level per entry)")
+        if self.use_real_forget and self.stop_set == "heldout":
+            raise ValueError("stop_set='heldout' holds out synthetic images, and use_real_forget trains on real ones "
+                             "— with use_real_forget set stop_set to 'train' or 'forget_val'")
         return self
+
+    def data_needs(self) -> tuple[str, ...]:
+        return (("forget",) if self.use_real_forget else ()) + (("forget_val",) if self.stop_set == "forget_val" else ())
 
 
 def perturb(model: torch.nn.Module, x: torch.Tensor, sigma: float, n_noise: int,
