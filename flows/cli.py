@@ -2,9 +2,12 @@
 
     erasure demo                      bootstrap if needed, erase one shape end to end, print the table
     erasure run REQUEST.json [--report OUT.json]
+    erasure submit REQUEST.json       file a request as received (prints its due date), without running it
     erasure status [REQUEST_ID]
     erasure rollback --to VERSION [--reason TEXT]
     erasure guard
+    erasure purge [--dry-run] [--window-days D]
+                                      delete the weights of versions that miss a promoted erasure, past the rollback window
     erasure bootstrap [--force]
     erasure register MODEL_REF [--name NAME] [--reference-manifest PATH]
                                       bring your own model: score it, register it, make it the champion
@@ -91,21 +94,53 @@ def cmd_run(args) -> int:
 
     request = load_request(Path(args.request).read_text() if Path(args.request).is_file() else _missing(args.request))
     reference = _reference_choice(request.model)
-    report = erasure_flow(request, reference.settings)
-    _record_reference(report, reference)
+    report = erasure_flow(request, reference.settings).model_dump(mode="json")
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     print_table(report)
     status = report.get("status")
+    if report.get("idempotent"):
+        _console().print(f"request {report['request_id']} was already handled: {status} {report.get('reason') or ''}")
+        return 0 if status in ("promoted", "dry_run") else 2
     if status == "promoted" or (status == "dry_run" and report.get("gates_passed")):
         _console().print(f"[green]{status}[/green]: {report['request_id']} → model version {report.get('model_version')}")
         return 0
-    if report.get("idempotent"):
-        _console().print(f"request {report['request_id']} was already handled: {status} {report.get('reason') or ''}")
-        return 0 if status == "promoted" else 2
     reason = ", ".join(g["name"] for g in report.get("gates", []) if not g["passed"])
     _console().print(f"[red]{status}[/red]: {report['request_id']} — failed gates: {reason}; champion unchanged")
     return 2
+
+
+def cmd_batch(args) -> int:
+    from rich.table import Table
+
+    from flows.batch import batch_flow
+    from tasks.request import load_request
+
+    submit = [load_request(Path(path).read_text() if Path(path).is_file() else _missing(path)) for path in args.requests]
+    reference = _reference_choice(args.model)
+    report = batch_flow(args.model, reference.settings, submit=submit, max_requests=args.max)
+    if args.report:
+        Path(args.report).write_text(report.model_dump_json(indent=2))
+    console = _console()
+    updates = Table(title=f"updates of {report.model_name} (champion v{report.champion_before} → v{report.champion_after})")
+    for column in ("requests", "method", "decision", "version", "forget", "retain drop", "held-out drop", "unlearning"):
+        updates.add_column(column)
+    for u in report.updates:
+        drop = {g.name: g.value for g in u.gates}
+        updates.add_row(", ".join(u.request_ids), u.method, u.decision, u.model_version or "",
+                        f"{100 * u.after.get('forget_accuracy', float('nan')):.1f} %",
+                        f"{100 * drop.get('retain_accuracy_drop', float('nan')):+.1f} pt",
+                        f"{100 * drop.get('heldout_accuracy_drop', float('nan')):+.1f} pt", f"{u.timings.unlearn_s:.0f} s")
+    console.print(updates)
+    outcomes = Table(title="requests")
+    for column in ("request", "status", "version", "reason"):
+        outcomes.add_column(column)
+    for o in report.requests:
+        colour = {"promoted": "green", "rejected": "red", "failed": "red"}.get(o.status, "white")
+        outcomes.add_row(o.request_id, f"[{colour}]{o.status}[/{colour}]", o.model_version or "", o.reason[:80])
+    console.print(outcomes)
+    console.print(f"batch wall time {report.wall_s:.0f} s; review it in the MLflow UI:  {_ui_hint(reference.settings)}")
+    return 0 if all(o.status in ("promoted", "dry_run") for o in report.requests) else 2
 
 
 def _missing(path: str) -> str:
@@ -114,6 +149,7 @@ def _missing(path: str) -> str:
 
 def cmd_status(args) -> int:
     from mlflow import MlflowClient
+    from rich.markup import escape
     from rich.table import Table
 
     from tasks import ledger
@@ -123,18 +159,57 @@ def cmd_status(args) -> int:
     configure_mlflow(settings)
     client = MlflowClient()
     if args.request_id:
-        entry = ledger.find(client, settings.experiment, args.request_id)
-        if entry is None:
+        state = ledger.find(client, settings.experiment, args.request_id, warning_days=settings.deadline_warning_days)
+        if state is None:
             print(f"no request {args.request_id!r} in the ledger", file=sys.stderr)
             return 1
-        print(json.dumps(entry.__dict__, indent=2))
+        print(json.dumps(state.as_dict(), indent=2))
         return 0
     table = Table(title=f"erasure ledger ({settings.experiment})")
-    for column in ("request", "status", "model version", "updated", "reason"):
-        table.add_column(column)
-    for e in ledger.entries(client, settings.experiment):
-        table.add_row(e.request_id, e.status, e.model_version or "", e.updated, e.reason[:80])
+    for column in ("request", "status", "attempts", "due", "days left", "model version", "updated", "reason"):
+        table.add_column(column, justify="right" if column in ("attempts", "days left") else "left")
+    for state in ledger.entries(client, settings.experiment, warning_days=settings.deadline_warning_days):
+        days_left = "" if state.days_left is None or state.status in ledger.TERMINAL else f"{state.days_left:.1f}"
+        colour = {"overdue": "red", "due_soon": "yellow"}.get(state.deadline_flag)
+        table.add_row(escape(state.request_id), state.status, str(len(state.attempts)), (state.due_at or "")[:10],
+                      f"[{colour}]{days_left}[/{colour}]" if colour else days_left, state.model_version or "", state.updated,
+                      escape(state.reason[:80]))
     _console().print(table)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    """File a request in the ledger as ``received`` without running it."""
+    from mlflow import MlflowClient
+
+    from tasks import ledger
+    from tasks.locks import exclusive
+    from tasks.registry import configure_mlflow
+    from tasks.request import load_request
+
+    request = load_request(args.request)
+    settings = _settings()
+    experiment_id = configure_mlflow(settings)
+    client = MlflowClient()
+    try:
+        state = ledger.find(client, settings.experiment, request.request_id, warning_days=settings.deadline_warning_days)
+        filed = False
+        if state is None:  # only a first filing can race another one: take the request's lock for it
+            with exclusive(f"request:{request.request_id}", settings, timeout_s=60):
+                state = ledger.find(client, settings.experiment, request.request_id, warning_days=settings.deadline_warning_days)
+                filed = state is None
+                if filed:
+                    state = ledger.file_request(client, experiment_id, request, request.model or settings.model_name,
+                                                deadline_days=settings.deadline_days)
+        ledger.check_resubmission(state, request)
+    except ledger.RequestConflict as exc:
+        print(f"erasure submit: conflict: {exc}", file=sys.stderr)
+        return 2
+    due = f"due {state.due_at[:10]} ({state.days_left:.0f} days left)" if state.due_at else "no due date recorded"
+    if filed:
+        _console().print(f"filed {request.request_id} as received; {due}")
+    else:
+        _console().print(f"{request.request_id} is already in the ledger: {state.status} after {len(state.attempts)} attempt(s); {due}")
     return 0
 
 
@@ -165,8 +240,35 @@ def cmd_guard(args) -> int:
     if verdict["passed"]:
         _console().print(f"[green]guard passed[/green]: champion v{verdict['champion']}")
         return 0
-    _console().print(f"[red]guard failed[/red]: {'; '.join(verdict['failures'])} → champion rolled back to v{verdict['rollback']['champion']}")
+    rollback = verdict["rollback"]
+    if "refused" in rollback:
+        _console().print(f"[red]guard failed[/red]: {'; '.join(verdict['failures'])}; [red]rollback refused[/red]: {rollback['refused']}")
+        return 2
+    _console().print(f"[red]guard failed[/red]: {'; '.join(verdict['failures'])} → champion rolled back to v{rollback['champion']}")
     return 2
+
+
+def cmd_purge(args) -> int:
+    from rich.table import Table
+
+    from flows.purge import purge_flow
+
+    report = purge_flow(dry_run=args.dry_run, window_days=args.window_days)
+    title = f"purge of {report.model} (rollback window {report.window_days:g} days)"
+    table = Table(title=title + (": dry run, nothing changed" if report.dry_run else ""))
+    for column in ("version", "action", "status", "weight files", "reason"):
+        table.add_column(column, justify="right" if column == "weight files" else "left")
+    for entry in report.purged + report.would_purge:
+        action, status = ("purged", "purged") if entry.purged_at else ("would purge", "")
+        table.add_row(entry.version, f"[red]{action}[/red]", status, f"{len(entry.files)} ({entry.bytes / 1e6:.1f} MB)", entry.reason)
+    for kept in report.kept:
+        table.add_row(kept.version, "kept", kept.status, "", kept.reason)
+    console = _console()
+    console.print(table)
+    if report.uncertified_requests:
+        console.print(f"[yellow]warning[/yellow]: no ledger run for {', '.join(report.uncertified_requests)}: "
+                      f"their certificates do not list the purge")
+    return 0
 
 
 def _reference_choice(model_name: str | None):
@@ -182,13 +284,6 @@ def _reference_choice(model_name: str | None):
     elif choice.registered:
         _console().print(f"reference manifest: {choice.manifest} (recorded when the champion was registered)")
     return choice
-
-
-def _record_reference(report: dict, choice) -> None:
-    from tasks.register import record_reference_choice
-
-    if report.get("mlflow_run_id") and not report.get("idempotent"):  # an answered-again request keeps its run as it was
-        record_reference_choice(report["mlflow_run_id"], choice)
 
 
 def cmd_register(args) -> int:
@@ -251,7 +346,7 @@ def cmd_demo(args) -> int:
     request = {"request_id": f"demo-{shape}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}", "requester": "demo@clip-erasure",
                "target": {"kind": "class", "class_name": shape}, "method": args.method}
     started = time.perf_counter()
-    report = erasure_flow(request)
+    report = erasure_flow(request).model_dump(mode="json")
     wall = time.perf_counter() - started
     print_table(report, report.get("per_class_before"), report.get("per_class_after"))
     timings = report.get("timings") or {}
@@ -312,11 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the ledger: every request's state")
     status.add_argument("request_id", nargs="?")
     status.set_defaults(fn=cmd_status)
+    submit = sub.add_parser("submit", help="file a request in the ledger as received, without running it")
+    submit.add_argument("request", help="path of the request JSON")
+    submit.set_defaults(fn=cmd_submit)
     rollback = sub.add_parser("rollback", help="move champion back to an earlier version")
     rollback.add_argument("--to", help="version to restore (default: the 'previous' alias)")
     rollback.add_argument("--reason", default="manual rollback")
     rollback.set_defaults(fn=cmd_rollback)
     sub.add_parser("guard", help="re-check the champion; roll back automatically when it fails").set_defaults(fn=cmd_guard)
+    purge = sub.add_parser("purge", help="delete the weights of versions that miss a promoted erasure, past the rollback window")
+    purge.add_argument("--dry-run", action="store_true", help="list what would be purged, and why; change nothing")
+    purge.add_argument("--window-days", type=float, help="rollback window in days (default: ERASURE_ROLLBACK_WINDOW_DAYS, 7); 0 purges at once")
+    purge.set_defaults(fn=cmd_purge)
     register = sub.add_parser("register", help="bring your own model: score it on the reference data, register it as champion")
     register.add_argument("model_ref", metavar="MODEL_REF", help="NAME:PRETRAINED (e.g. ViT-B-32:openai), local-dir:/path or s3://bucket/prefix")
     register.add_argument("--name", help="registered model name (default: ERASURE_MODEL_NAME)")
@@ -325,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     boot = sub.add_parser("bootstrap", help="train and register the embedded tiny CLIP")
     boot.add_argument("--force", action="store_true")
     boot.set_defaults(fn=cmd_bootstrap)
+    batch = sub.add_parser("batch", help="erase every pending request of a model in as few updates as the gates allow")
+    batch.add_argument("requests", nargs="*", help="request JSON files to file first (optional)")
+    batch.add_argument("--model", help="registered model (default: ERASURE_MODEL_NAME)")
+    batch.add_argument("--max", type=int, help="at most this many requests, the most urgent first (default: ERASURE_BATCH_MAX_REQUESTS)")
+    batch.add_argument("--report", help="write the batch report JSON here")
+    batch.set_defaults(fn=cmd_batch)
     demo = sub.add_parser("demo", help="bootstrap if needed and erase one shape end to end")
     demo.add_argument("--target", help="shape to erase (default: the first one not erased yet)")
     demo.add_argument("--method", default="auto")

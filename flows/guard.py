@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import mlflow
 from prefect import flow, get_run_logger
+from prefect.events import emit_event
 
 from tasks.champion import load_champion, rollback_champion
 from tasks.data import reference_eval_set
-from tasks.registry import configure_mlflow
+from tasks.registry import VersionPurged, configure_mlflow
 from tasks.settings import ErasureSettings, get_settings
 from tasks.unlearn import evaluate_model
 
 
 @flow(name="guard", log_prints=True)
 def guard_flow(model_name: str | None = None, settings: ErasureSettings | None = None) -> dict:
-    """Evaluate the champion; on failure move ``champion`` back to ``previous``. Returns the verdict."""
+    """Evaluate the champion; on failure move ``champion`` back to ``previous``. Returns the verdict.
+
+    A purged ``previous`` (past the rollback window) is not rolled back to: the verdict's
+    ``rollback`` is then ``{"refused": why}`` and the champion stays.
+    """
     settings = settings or get_settings()
     configure_mlflow(settings)
     logger = get_run_logger()
@@ -41,7 +46,15 @@ def guard_flow(model_name: str | None = None, settings: ErasureSettings | None =
                    "heldout_suite": eval_set.heldout.as_dict()}
         mlflow.set_tags({"erasure.guard_passed": str(not failures).lower(), "erasure.guard_failures": "; ".join(failures)})
         if failures:
-            verdict["rollback"] = rollback_champion(settings, name, None, "guard: " + "; ".join(failures))
+            try:
+                verdict["rollback"] = rollback_champion(settings, name, None, "guard: " + "; ".join(failures))
+            except VersionPurged as refused:
+                # The rollback target lost its weights after the rollback window: the failing champion keeps serving.
+                verdict["rollback"] = {"refused": str(refused)}
+                mlflow.set_tag("erasure.guard_rollback_refused", str(refused))
+                emit_event("clip-erasure.rollback.refused", resource={"prefect.resource.id": f"clip-erasure.model.{name}"},
+                           payload={"champion": champion.version, "failures": failures, "refused": str(refused)})
+                logger.warning("champion %s v%s fails the guard, and its rollback was refused: %s", name, champion.version, refused)
         else:
             logger.info("champion %s v%s passes the guard: retain %.2f %%", name, champion.version, 100 * metrics.get("retain_accuracy", 0))
     return verdict

@@ -3,6 +3,8 @@
 - `erasure/on-request`: runs when a `clip-erasure.request.received` event arrives (emitted by the
   inbox watcher or any system that files a request); the event payload is the request.
 - `guard/hourly`: re-checks the champion every hour and rolls back automatically.
+- `purge/daily`: deletes the weights of versions that miss a promoted erasure once the rollback
+  window (`ERASURE_ROLLBACK_WINDOW_DAYS`) has passed.
 
 Needs a running Prefect server (`prefect server start`, then PREFECT_API_URL): schedules and event
 triggers are not evaluated in Prefect's ephemeral mode. For a GPU host, deploy the same flows to a
@@ -17,6 +19,7 @@ from prefect.schedules import Cron
 
 from flows.erasure import erasure_flow
 from flows.guard import guard_flow
+from flows.purge import purge_flow
 
 REQUEST_EVENT = "clip-erasure.request.received"
 
@@ -33,7 +36,8 @@ def deployments():
         tags=["clip-erasure"],
     )
     hourly_guard = guard_flow.to_deployment(name="hourly", schedules=[Cron("0 * * * *", timezone="UTC")], tags=["clip-erasure"])
-    return [on_request, hourly_guard]
+    daily_purge = purge_flow.to_deployment(name="daily", schedules=[Cron("30 3 * * *", timezone="UTC")], tags=["clip-erasure"])
+    return [on_request, hourly_guard, daily_purge]
 
 
 if __name__ == "__main__":

@@ -99,8 +99,8 @@ def promote(name: str, version: str) -> str | None:
     if transaction is not None:
         transaction.set("model_name", name)
         transaction.set("aliases_before", {a: _alias_version(name, a) for a in ("champion", "previous")})
-    _, old = registry.promote(name, version)
-    registry.tag_version(name, version, status="champion")
+        transaction.set("promoted_version", str(version))
+    _, old = registry.promote(name, version)  # records erasure.promoted_at and syncs every status tag
     return None if old is None else str(old.version)
 
 
@@ -110,6 +110,12 @@ def _restore_aliases(transaction) -> None:
     name, before = transaction.get("model_name"), transaction.get("aliases_before")
     for alias, version in before.items():
         _point_alias(name, alias, version)
+    promoted = transaction.get("promoted_version", None)
+    if promoted is not None:
+        # It never served for good: not superseded (that would make it look once-promoted to the purge), but undone.
+        registry.tag_version(name, promoted, **{registry.PROMOTION_UNDONE_AT: registry.now_iso()})
+        MlflowClient().delete_model_version_tag(name, promoted, registry.PROMOTED_AT)
+    registry.sync_status_tags(name)
     emit_event("clip-erasure.promotion.undone", resource={"prefect.resource.id": f"clip-erasure.model.{name}"},
                payload={"restored_aliases": before})
 
@@ -119,30 +125,41 @@ def tag_version(name: str, version: str, **tags: str) -> None:
     registry.tag_version(name, version, **tags)
 
 
-@task(name="rollback-champion", retries=1, cache_policy=NO_CACHE)
+def _retry_unless_refused(task, task_run, state) -> bool:
+    # A refusal (purged target, nothing to roll back to) is final: retrying cannot change it.
+    return not isinstance(state.data, (LookupError, ValueError))
+
+
+@task(name="rollback-champion", retries=1, cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_refused)
 def rollback_champion(settings: ErasureSettings, name: str, to_version: str | None, reason: str) -> dict:
     """Move ``champion`` back (to ``to_version``, default the ``previous`` alias) and record why.
 
     Requests carried by the version rolled back over but not by the restored one return to
-    ``pending`` in the ledger: a rollback never silently resurrects erased data.
+    ``pending`` in the ledger: a rollback never silently resurrects erased data. A purged target
+    (past the rollback window, no weights left) is refused with
+    :class:`tasks.registry.VersionPurged` before any alias moves.
     """
-    from tasks import ledger
+    from tasks import ledger, locks
 
-    current = registry.get_version_by_alias(name, "champion")
-    if current is None:
-        raise LookupError(f"registered model {name!r} has no champion to roll back")
-    if to_version is None:
-        previous = registry.get_version_by_alias(name, "previous")
-        if previous is None:
-            raise LookupError(f"{name!r} has no 'previous' alias: name a version with --to")
-        to_version = str(previous.version)
-    restored = MlflowClient().get_model_version(name, str(to_version))
-    if str(restored.version) == str(current.version):
-        raise ValueError(f"version {to_version} is already the champion of {name!r}")
-    registry.rollback_to(name, str(restored.version), reason)
-    # `previous` must never point at the version just rolled back over (a second rollback would
-    # resurrect it): it follows the restored champion's lineage instead.
-    _point_alias(name, "previous", restored.tags.get(PARENT))
+    # Every alias move of a model happens under its promotion lock (as promotions do).
+    with locks.exclusive(f"promote:{name}", settings, timeout_s=settings.lock_timeout_s):
+        current = registry.get_version_by_alias(name, "champion")
+        if current is None:
+            raise LookupError(f"registered model {name!r} has no champion to roll back")
+        if to_version is None:
+            previous = registry.get_version_by_alias(name, "previous")
+            if previous is None:
+                raise LookupError(f"{name!r} has no 'previous' alias: name a version with --to")
+            to_version = str(previous.version)
+        restored = MlflowClient().get_model_version(name, str(to_version))
+        if str(restored.version) == str(current.version):
+            raise ValueError(f"version {to_version} is already the champion of {name!r}")
+        registry.refuse_purged(restored)
+        registry.rollback_to(name, str(restored.version), reason)
+        # `previous` must never point at the version just rolled back over (a second rollback would
+        # resurrect it): it follows the restored champion's lineage instead.
+        _point_alias(name, "previous", restored.tags.get(PARENT))
+        registry.sync_status_tags(name)
     _, current_requests = carried(current.tags)
     _, restored_requests = carried(restored.tags)
     reopened = [r for r in current_requests if r not in restored_requests]

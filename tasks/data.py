@@ -15,11 +15,12 @@ from prefect.cache_policies import NO_CACHE
 from tasks import storage
 from tasks.request import ErasureRequest
 from tasks.settings import ErasureSettings
-from tasks.validation import ValidationReport, validate_request_data
+from tasks.validation import ValidationReport, cached_validate_request_data
 from unlearning.data import Record, read_manifest
 from unlearning.erasure_data import build_unlearning_data, evaluation_records, rows_in, unknown_target
 from unlearning.evaluation import EvalSet, build_eval_set
 from unlearning.heldout import HeldoutSuite
+from unlearning.image_cache import ImageCache
 from unlearning.methods.base import ForgetTarget, LabelledImages, UnlearningData
 
 
@@ -35,6 +36,8 @@ class ErasureData:
     manifest_hashes: dict[str, str]
     validation: ValidationReport
     summary: dict = field(default_factory=dict)  # counts of what went where (data_summary), for the report and MLflow
+    forget_records: list[Record] | None = None  # the request's own forget rows (None: the target's reference images)
+    retain_records: list[Record] | None = None  # the request's own retain rows (None: the reference default)
 
 
 def file_hash(path: Path) -> str:
@@ -53,16 +56,22 @@ def local_manifest(uri: str | None, settings: ErasureSettings) -> Path | None:
     return path
 
 
+def cache_folder(settings: ErasureSettings, kind: str) -> Path:
+    """Where a kind of cache ("images", "validation") lives: ``<home>/cache/<kind>``."""
+    return settings.home / "cache" / kind
+
+
 def eval_set_of(records: list[Record], image_size: int, heldout_suite: str | HeldoutSuite | None = None,
-                seen_captions: Iterable[str] = ()) -> EvalSet:
+                seen_captions: Iterable[str] = (), cache_dir: Path | ImageCache | None = None) -> EvalSet:
     """Evaluation images with their held-out suite (:func:`unlearning.evaluation.build_eval_set`).
 
     Args:
         heldout_suite: a built-in name, a suite file or a suite; None: "auto" (the world's probes on
             the shapes world, else the retained classes under unseen paraphrase templates).
         seen_captions: the reference data's captions; no held-out template may match one.
+        cache_dir: where decoded images are cached; None: no cache.
     """
-    return build_eval_set(records, image_size, heldout_suite or "auto", seen_captions)
+    return build_eval_set(records, image_size, heldout_suite or "auto", seen_captions, cache_dir=cache_dir)
 
 
 @task(name="validate-and-prepare-data", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -87,7 +96,8 @@ def prepare_data(request: ErasureRequest, settings: ErasureSettings, image_size:
     retain_path = local_manifest(request.retain_manifest, settings)
 
     # The reference data is not a retain manifest here: forget images may be part of it.
-    report = validate_request_data(forget_path, retain_path, classnames, settings.allowed_buckets, target=target, erased=earlier)
+    report, validation_cache = cached_validate_request_data(forget_path, retain_path, classnames, settings.allowed_buckets,
+                                                            cache_folder(settings, "validation"), target=target, erased=earlier)
     report.notes.append(f"reference: the owner's manifest {reference_path} is the model's training data, not re-validated per request")
     mlflow.log_dict(report.to_dict(), "validation/gx_report.json")
     mlflow.log_text(report.to_markdown(), "validation/gx_report.md")
@@ -100,24 +110,26 @@ def prepare_data(request: ErasureRequest, settings: ErasureSettings, image_size:
         # the pairs to forget are named by the manifest: their captions identify them in evaluation
         target = target.model_copy(update={"captions": sorted({r.caption for r in forget_records})})
     retain_records = read_manifest(retain_path) if retain_path else None
+    images = ImageCache(cache_folder(settings, "images"))  # decoded images of unchanged files are not decoded again
     unlearning = build_unlearning_data(target, reference, image_size, forget_records, earlier, retain_records=retain_records,
-                                       seed=request.seeds[0])
+                                       seed=request.seeds[0], cache_dir=images)
 
     test = [r for r in reference if r.split == "test"] or reference
     evaluated = evaluation_records(test, forget_records, [target, *earlier])
     eval_set = eval_set_of(evaluated, image_size, request.heldout_suite or settings.heldout_suite,
-                           {r.caption for r in reference} | {r.caption for r in retain_records or ()})
+                           {r.caption for r in reference} | {r.caption for r in retain_records or ()}, images)
     hashes = {"reference": file_hash(reference_path)}
     if forget_path:
         hashes["forget"] = file_hash(forget_path)
     if retain_path:
         hashes["retain"] = file_hash(retain_path)
     summary = data_summary(unlearning, forget_records, retain_records, reference, len(evaluated), len(test) - len(evaluated))
+    summary["cache"] = {"images": images.outcome, "validation": validation_cache}
     mlflow.log_dict(summary, "validation/data_summary.json")
     mlflow.log_metrics({f"data.{k}": v for k, v in summary.items() if isinstance(v, int)})
     logger.info("data ready: %d forget (%d of them reference images), %d retain (%s), %d eval images", summary["forget_images"],
                 summary["forget_rows_in_reference"], summary["retain_images"], summary["retain_source"], len(evaluated))
-    return ErasureData(target, reference, unlearning, eval_set, unlearning.forget, hashes, report, summary)
+    return ErasureData(target, reference, unlearning, eval_set, unlearning.forget, hashes, report, summary, forget_records, retain_records)
 
 
 def data_summary(unlearning: UnlearningData, forget_records: list[Record] | None, retain_records: list[Record] | None,
@@ -142,4 +154,5 @@ def reference_eval_set(settings: ErasureSettings, image_size: int, heldout_suite
     (``heldout_suite``, default the configured ``ERASURE_HELDOUT_SUITE``)."""
     reference = read_manifest(Path(settings.reference_manifest or settings.world_dir / "manifest.jsonl"))
     test = [r for r in reference if r.split == "test"] or reference
-    return eval_set_of(test, image_size, heldout_suite or settings.heldout_suite, {r.caption for r in reference})
+    return eval_set_of(test, image_size, heldout_suite or settings.heldout_suite, {r.caption for r in reference},
+                       cache_folder(settings, "images"))

@@ -18,6 +18,7 @@ import os
 import tempfile
 import warnings
 from contextlib import nullcontext
+from datetime import datetime, timezone
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
@@ -33,6 +34,12 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from tasks.settings import ErasureSettings, get_settings, quiet_telemetry
 
 CHAMPION, PREVIOUS = "champion", "previous"
+# Events recorded on a version as tags where they happen; its `status` tag is derived from them.
+PROMOTED_AT, ROLLED_BACK_AT, PROMOTION_UNDONE_AT = "erasure.promoted_at", "erasure.rolled_back_at", "erasure.promotion_undone_at"
+PURGED_AT, PURGED_REASON, PURGED_FILES, PURGED_WINDOW_DAYS = (
+    "erasure.purged_at", "erasure.purged_reason", "erasure.purged_files", "erasure.purged_window_days")
+DECISION = "erasure.decision"  # set by the erasure flow: "rejected", "promoted" or "candidate"
+STATUSES = ("champion", "previous", "purged", "rolled_back", "superseded", "rejected", "undone", "candidate")
 ARTIFACT = "open_clip_model"
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -224,6 +231,9 @@ def tag_version(name: str, version: str | int, **tags) -> None:
 def promote(name: str, version: str | int) -> tuple[ModelVersion, ModelVersion | None]:
     """Make ``version`` the champion and the old champion ``previous``.
 
+    Records ``erasure.promoted_at`` on ``version`` and re-derives every version's ``status`` tag.
+    A purged version (no weights left) is refused before any alias moves.
+
     Args:
         name: registered model name.
         version: version to promote.
@@ -231,19 +241,49 @@ def promote(name: str, version: str | int) -> tuple[ModelVersion, ModelVersion |
     Returns:
         ``(new champion, old champion or None)``.
     """
+    refuse_purged(MlflowClient().get_model_version(name, str(version)))
     old = get_version_by_alias(name, CHAMPION)
     set_alias(name, CHAMPION, version)
+    tag_version(name, version, **{PROMOTED_AT: now_iso()})
     # str(): the SQLite store returns version numbers as int, the REST store as str.
     if old is not None and str(old.version) != str(version):
         set_alias(name, PREVIOUS, old.version)
+    sync_status_tags(name)
     return MlflowClient().get_model_version(name, str(version)), old
+
+
+def promote_if_parent(name: str, version: str | int, expected_parent: str | int | None) -> tuple[ModelVersion, ModelVersion | None]:
+    """:func:`promote`, but only while the champion is still the version the candidate was made from.
+
+    The caller holds the promotion lock, so nothing moves the champion between this check and the
+    promotion.
+
+    Args:
+        name: registered model name.
+        version: candidate to promote.
+        expected_parent: the champion version the candidate was made from (None: there was none).
+
+    Returns:
+        ``(new champion, old champion or None)``.
+
+    Raises:
+        ChampionMoved: the champion is no longer ``expected_parent``.
+    """
+    current = get_version_by_alias(name, CHAMPION)
+    current_version = None if current is None else str(current.version)
+    expected = None if expected_parent is None else str(expected_parent)
+    if current_version != expected:
+        raise ChampionMoved(f"champion of {name!r} is now {_label(current_version)}, the candidate v{version} was made from "
+                            f"{_label(expected)}: it must be redone from the new champion")
+    return promote(name, version)
 
 
 def rollback_to(name: str, version: str | int, reason: str) -> tuple[ModelVersion, ModelVersion | None]:
     """Make ``version`` the champion again and mark the champion it replaces as rolled back.
 
-    The replaced champion becomes ``previous`` and gets the tags ``status=rolled_back`` and
-    ``rollback_reason``; no version is deleted.
+    The replaced champion becomes ``previous`` and gets the tags ``erasure.rolled_back_at`` and
+    ``rollback_reason`` (its ``status`` follows from them); no version is deleted. A purged
+    version is refused before any alias moves.
 
     Args:
         name: registered model name.
@@ -253,11 +293,105 @@ def rollback_to(name: str, version: str | int, reason: str) -> tuple[ModelVersio
     Returns:
         ``(restored champion, rolled-back version or None)``.
     """
+    refuse_purged(MlflowClient().get_model_version(name, str(version)))
+    current = get_version_by_alias(name, CHAMPION)
+    if current is not None and str(current.version) != str(version):
+        # Recorded before the aliases move, so the sync inside promote already sees the rollback.
+        tag_version(name, current.version, **{ROLLED_BACK_AT: now_iso(), "rollback_reason": reason})
     restored, rolled_back = promote(name, version)
     if rolled_back is not None and str(rolled_back.version) != str(version):
-        tag_version(name, rolled_back.version, status="rolled_back", rollback_reason=reason)
         rolled_back = MlflowClient().get_model_version(name, str(rolled_back.version))
     return restored, rolled_back
+
+
+class ChampionMoved(LookupError):
+    """The champion changed after a candidate was made from it: the candidate must be redone."""
+
+
+class VersionPurged(LookupError):
+    """The version's weights were purged: it can no longer serve or be rolled back to."""
+
+
+def refuse_purged(version: ModelVersion) -> None:
+    """Raise :class:`VersionPurged` when ``version`` was purged (its weights are gone).
+
+    Args:
+        version: the version about to be served or rolled back to.
+    """
+    purged_at = (version.tags or {}).get(PURGED_AT)
+    if purged_at is None:
+        return
+    days = (version.tags or {}).get(PURGED_WINDOW_DAYS)
+    window = f"the rollback window of {days} days" if days is not None else "the rollback window"
+    raise VersionPurged(f"version {version.version} of {version.name} was purged at {purged_at}, {window} had passed; it holds no "
+                        f"weights; re-register a model with `erasure register` to go back")
+
+
+def derive_status(tags: dict, aliases: list[str]) -> str:
+    """A version's ``status``, from its aliases and the events recorded on it as tags.
+
+    An alias says what the version does now; otherwise the latest event says what became of it:
+    ``purged`` (weights gone, final), ``rolled_back`` or ``superseded`` (served once, no longer;
+    whichever happened last), ``rejected``, ``undone`` (promoted, then put back by a failure),
+    else ``candidate``.
+
+    Args:
+        tags: the version's tags.
+        aliases: the aliases pointing at it.
+
+    Returns:
+        One of :data:`STATUSES`.
+    """
+    if CHAMPION in aliases:
+        return "champion"
+    # A purged version cannot serve, even with `previous` still pointing at it: a rollback to it is refused.
+    if PURGED_AT in tags:
+        return "purged"
+    if PREVIOUS in aliases:
+        return "previous"
+    rolled_back_at, promoted_at = tags.get(ROLLED_BACK_AT), tags.get(PROMOTED_AT)
+    if rolled_back_at is not None or (promoted_at is None and "rollback_reason" in tags):  # rollback_reason alone: legacy rollback
+        # Promoted again after the rollback and then replaced: superseded (ISO times in UTC compare as text).
+        return "superseded" if promoted_at is not None and rolled_back_at is not None and promoted_at > rolled_back_at else "rolled_back"
+    if promoted_at is not None:
+        return "superseded"
+    # status=rejected: written by flows before erasure.decision existed.
+    if tags.get(DECISION) == "rejected" or tags.get("status") == "rejected":
+        return "rejected"
+    if PROMOTION_UNDONE_AT in tags:
+        return "undone"
+    return "candidate"
+
+
+def sync_status_tags(name: str) -> dict[str, str]:
+    """Set every version's ``status`` tag to :func:`derive_status` (only where it differs).
+
+    Args:
+        name: registered model name.
+
+    Returns:
+        ``{version: status}`` for every version.
+    """
+    client = MlflowClient()
+    by_version: dict[str, list[str]] = {}
+    for alias, number in client.get_registered_model(name).aliases.items():
+        by_version.setdefault(str(number), []).append(alias)
+    statuses = {}
+    for version in list_versions(name):
+        number = str(version.version)
+        statuses[number] = derive_status(version.tags or {}, by_version.get(number, []))
+        if (version.tags or {}).get("status") != statuses[number]:
+            client.set_model_version_tag(name, number, "status", statuses[number])
+    return statuses
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 text (to the second), as every event tag records it."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _label(version: str | None) -> str:
+    return "none" if version is None else f"v{version}"
 
 
 def list_versions(name: str) -> list[ModelVersion]:
@@ -280,12 +414,19 @@ def download_version(name: str, version_or_alias: str | int, dest: str | Path) -
 
     Returns:
         The open_clip model folder inside ``dest``.
+
+    Raises:
+        FileNotFoundError: the version holds no weights (it was purged).
     """
     ref = str(version_or_alias)
     uri = f"models:/{name}/{ref}" if ref.isdigit() else f"models:/{name}@{ref}"
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
     artifacts = Model.load(local).flavors["python_function"]["artifacts"]
-    return Path(local) / artifacts[ARTIFACT]["path"]
+    folder = Path(local) / artifacts[ARTIFACT]["path"]
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"version {ref} of {name!r} holds no weights (see its {PURGED_AT} tag: purged versions keep only "
+                                f"their audit record)")
+    return folder
 
 
 def _column(frame: pd.DataFrame, name: str) -> list:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 import typing
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Sequence
 
@@ -145,6 +145,11 @@ class ErasureRequest(BaseModel):
                                                       "unlearning run, all are recorded.")
     dry_run: bool = Field(default=False, description="Run and evaluate, but register nothing.")
     time_budget_s: float = Field(default=600.0, gt=0, allow_inf_nan=False, description="Wall-clock budget for unlearning, in seconds.")
+    due_at: AwareDatetime | None = Field(default=None, description=(
+        "When the erasure is due (ISO 8601 with a zone); default: requested_at + ERASURE_DEADLINE_DAYS (30, GDPR's one month)."))
+    extension_days: int = Field(default=0, ge=0, le=60, description=(
+        "Days added to the due date (0-60: GDPR art. 12(3) allows two more months for complex requests); needs extension_reason."))
+    extension_reason: NonEmptyStr | None = Field(default=None, description="Why the deadline was extended, for the audit trail.")
 
     @field_validator("method")
     @classmethod
@@ -164,13 +169,30 @@ class ErasureRequest(BaseModel):
                              'forget_manifest — add "captions": ["a red circle"] or "pairs_manifest": "s3://bucket/pairs.jsonl"')
         return self
 
+    @model_validator(mode="after")
+    def _deadline_is_consistent(self) -> "ErasureRequest":
+        if self.extension_days and not self.extension_reason:
+            raise ValueError("extension_reason is required when extension_days > 0 — add "
+                             '"extension_reason": "several systems hold the data", or set "extension_days": 0')
+        if self.due_at is not None and self.due_at < self.requested_at:
+            raise ValueError(f"due_at is before requested_at ({self.requested_at.isoformat()}) — give a later due_at, "
+                             "or leave it out for the default deadline")
+        return self
+
+    def due(self, deadline_days: float) -> datetime:
+        """When the erasure is due: ``due_at`` (default ``requested_at`` + ``deadline_days``) plus ``extension_days``."""
+        base = self.due_at or self.requested_at + timedelta(days=deadline_days)
+        return base + timedelta(days=self.extension_days)
+
     def content_hash(self) -> str:
-        """SHA-256 of the request's content, ignoring ``requested_at`` (a resubmission is the same request).
+        """SHA-256 of the request's content, ignoring when it was made and is due (a resubmission,
+        or one with its deadline extended, is the same request).
 
         Fields left at their defaults are left out, so adding a defaulted field to this model
         later does not change the hash of existing requests.
         """
-        content = self.model_dump(mode="json", exclude={"requested_at"}, exclude_defaults=True)
+        content = self.model_dump(mode="json", exclude={"requested_at", "due_at", "extension_days", "extension_reason"},
+                                  exclude_defaults=True)
         return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -249,6 +271,9 @@ _EXAMPLES = {
     "max_forget_accuracy": "0.05",
     "max_retain_drop": "0.05",
     "max_heldout_drop": "0.05",
+    "due_at": '"2026-12-02T09:30:00Z"',
+    "extension_days": "30",
+    "extension_reason": '"several systems hold the data"',
 }
 # How to fix a wrong value, by field name, where pydantic's message does not say.
 _HINTS = {
@@ -261,6 +286,9 @@ _HINTS = {
     "seeds": "use a non-empty list of non-negative integers, e.g. [0, 1, 2]",
     "time_budget_s": "use a positive number of seconds, e.g. 600",
     "dry_run": "use true or false",
+    "due_at": 'use an ISO 8601 time with a zone, e.g. "2026-12-02T09:30:00Z", or leave it out for requested_at + 30 days',
+    "extension_days": "use a whole number of days from 0 to 60 (GDPR allows up to two more months), e.g. 30",
+    "extension_reason": 'say why the deadline was extended, e.g. "several systems hold the data"',
     "heldout_suite": 'use "auto", "paraphrase", a suite .json path or {"name": "sketches", "templates": ["a sketch of a {}."]}',
     "gates": 'use {"max_forget_accuracy": 0.05, "max_retain_drop": 0.05, "max_heldout_drop": 0.05} or leave it out',
 }

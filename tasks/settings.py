@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from unlearning.heldout import check_suite_reference
@@ -66,13 +66,40 @@ class ErasureSettings(BaseSettings):
     heldout_suite: str = "auto"
     # Guard: never promote a model below this retain accuracy, whatever the champion scored.
     min_retain_accuracy: float = 0.85
+    # Purge: days after a promotion during which the versions it superseded keep their weights (the
+    # rollback window); after it, `erasure purge` deletes them. 0: purge at once.
+    rollback_window_days: float = 7
 
     prefect_api_url: str | None = None
+
+    # Batches: at most this many requests in one run of the batch flow (the most urgent first).
+    batch_max_requests: int = 16
+    # How long a run waits for another erasure of the same model (or request) before giving up.
+    lock_timeout_s: float = 3600.0
+
+    # Deadlines: a request without due_at is due this many days after requested_at (GDPR: one
+    # month), and `erasure status` / mark_deadlines flag it "due soon" this many days before.
+    deadline_days: float = Field(default=30, gt=0)
+    deadline_warning_days: float = Field(default=7, ge=0)
+    # Locks keeping two runs of one request apart (tasks/locks.py): "file" (flock under home: one
+    # machine), "prefect" (global concurrency limits on the Prefect server), "auto" (prefect when
+    # PREFECT_API_URL points at a server, else file).
+    locks: Literal["auto", "file", "prefect"] = "auto"
+    # A running attempt's lease: unrenewed this long (the process died), it reads as failed.
+    lease_seconds: float = Field(default=120, gt=0)
 
     @field_validator("heldout_suite")
     @classmethod
     def _known_suite(cls, value: str) -> str:
         return check_suite_reference(value)
+
+    @field_validator("rollback_window_days")
+    @classmethod
+    def _window_not_negative(cls, value: float) -> float:
+        if not value >= 0:  # also refuses NaN
+            raise ValueError(f"rollback_window_days must be >= 0 (got {value}): set ERASURE_ROLLBACK_WINDOW_DAYS to the days "
+                             f"superseded versions keep their weights, 0 to purge at once")
+        return value
 
     @field_validator("allowed_buckets", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.report import confusion_plot, history_plot, image_grid
+from tasks.report import confusion_plot, history_plot, image_grid, plt
 from unlearning.evaluation import EvalSet, Evaluation, Gate, check_gates, evaluate
 from unlearning.methods import METHODS, get_method, run_method, unmet_needs
 from unlearning.methods.base import ForgetTarget, UnlearningData
@@ -126,6 +126,11 @@ def evaluate_model(bundle: ClipBundle, eval_set: EvalSet, targets: list[ForgetTa
     return evaluate(bundle.model, bundle.tokenizer, eval_set, targets, members=members)
 
 
+def _log_figure(figure, path: str) -> None:
+    mlflow.log_figure(figure, path)
+    plt.close(figure)  # pyplot keeps every open figure alive otherwise
+
+
 def _log_history(history: list[dict]) -> None:
     for i, row in enumerate(history):
         step = int(row.get("step", i))
@@ -137,14 +142,20 @@ def _log_history(history: list[dict]) -> None:
 @task(name="unlearn", cache_policy=NO_CACHE, timeout_seconds=3600)
 def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data: UnlearningData, eval_set: EvalSet,
                    all_targets: list[ForgetTarget], before: Evaluation, thresholds: dict[str, float],
-                   config: dict | None = None, members=None, precision: Precision | None = None) -> Attempt:
+                   config: dict | None = None, members=None, precision: Precision | None = None,
+                   start: ClipBundle | None = None, evaluate_after: bool = True) -> Attempt:
     """Unlearn ``target`` from a copy of the champion with ``method``, evaluate, and check the gates.
 
     Logs a nested MLflow run named after the method (call inside the request's active run).
+
+    Args:
+        start: the model to start from, when not the champion (a batch's earlier groups already
+            ran on it); the champion stays the frozen reference either way.
+        evaluate_after: False skips the evaluation and the gates (a batch's intermediate step).
     """
     logger = get_run_logger()
     spec = get_method(method)
-    candidate = champion.copy()
+    candidate = (start or champion).copy()
     candidate.model.requires_grad_(True)  # the champion itself is frozen (below), and copies inherit that
     original = champion.model.requires_grad_(False)  # frozen reference: the champion, carrying earlier erasures
     with mlflow.start_run(run_name=f"attempt-{method}", nested=True) as run:
@@ -163,19 +174,22 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
                             progress=progress, precision=precision)
         seconds = time.perf_counter() - started
         candidate.model = result.model
+        _log_history(result.history)
+        if not evaluate_after:
+            mlflow.log_metric("unlearn_seconds", seconds)
+            return Attempt(method, candidate, before, [], seconds, result.summary, run.info.run_id, 0.0)
         evaluated = time.perf_counter()
         after = evaluate(candidate.model, candidate.tokenizer, eval_set, all_targets, members=members)
         evaluate_seconds = time.perf_counter() - evaluated
         gates = check_gates(before.metrics, after.metrics, **thresholds)
-        _log_history(result.history)
         mlflow.log_metrics({f"after.{k.replace('@', '_at_')}": v for k, v in after.metrics.items()})
         mlflow.log_metric("unlearn_seconds", seconds)
         mlflow.log_dict({"summary": result.summary, "gates": [g.as_dict() for g in gates]}, "attempt.json")
         keys = [k for k in ("loss", "forget_accuracy", "retain_accuracy", "synthetic_forget_acc") if any(k in r for r in result.history)]
         if keys:
-            mlflow.log_figure(history_plot(result.history, keys, f"{method}: per-step curves"), "plots/history.png")
+            _log_figure(history_plot(result.history, keys, f"{method}: per-step curves"), "plots/history.png")
         class_result = after.confusions["class"]
-        mlflow.log_figure(confusion_plot(class_result.confusion, class_result.classnames, f"after {method}"), "plots/confusion_after.png")
+        _log_figure(confusion_plot(class_result.confusion, class_result.classnames, f"after {method}"), "plots/confusion_after.png")
         synthetic = result.artifacts.get("synthetic_images")
         if isinstance(synthetic, torch.Tensor) and len(synthetic):
             mlflow.log_image(image_grid(synthetic[:64]), "synthetic_forget_set.png")

@@ -23,12 +23,15 @@ GX is imported inside the functions: the import takes seconds and most callers n
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
 import posixpath
 import re
+import stat
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -117,6 +120,11 @@ class ValidationReport:
         """JSON-serialisable form, to log as an MLflow artifact."""
         return {"success": self.success, "manifests": dict(self.manifests), "notes": list(self.notes),
                 "results": [asdict(r) for r in self.results]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ValidationReport":
+        """The report :meth:`to_dict` wrote."""
+        return cls([CheckResult(**r) for r in data["results"]], dict(data["manifests"]), list(data["notes"]))
 
     def to_markdown(self) -> str:
         """A table of every check, failures first."""
@@ -210,6 +218,121 @@ def validate_request_data(forget_path: str | Path | None, retain_path: str | Pat
     """
     paths = {role: path for role, path in (("forget", forget_path), ("retain", retain_path)) if path is not None}
     return _validate_files(paths, class_names, allowed_buckets, fetch, root, target, erased)
+
+
+# Part of every validation cache key: bump when a check, its fix text or the facts it reads change.
+VALIDATION_CACHE_VERSION = "1"
+VALIDATION_CACHE_FILES = 256  # most cached reports kept
+
+
+def cached_validate_request_data(forget_path: str | Path | None, retain_path: str | Path | None, class_names: Sequence[str],
+                                 allowed_buckets: Sequence[str] = (), cache_dir: str | Path | None = None,
+                                 root: str | Path | None = None, target: ForgetTarget | None = None,
+                                 erased: Sequence[ForgetTarget] = ()) -> tuple[ValidationReport, str]:
+    """:func:`validate_request_data` of local manifests, the report cached as JSON under ``cache_dir``.
+
+    The key (:func:`validation_key`) covers the manifests' bytes and paths, each image's resolved
+    path and bytes, and every other input that changes the result; a cached failure is a failed
+    report, so ``raise_for_failure`` fails the same way.
+
+    Returns:
+        (report, outcome): outcome "hit", "miss", or "off" (no ``cache_dir``, or an S3 or
+        unreadable manifest, which are validated afresh each time).
+    """
+    paths = {role: path for role, path in (("forget", forget_path), ("retain", retain_path)) if path is not None}
+    key = validation_key(paths, class_names, allowed_buckets, root, target, erased) if cache_dir is not None else None
+    if key is None:
+        return validate_request_data(forget_path, retain_path, class_names, allowed_buckets, None, root, target, erased), "off"
+    folder = Path(cache_dir)
+    file = folder / f"{key}.json"
+    try:
+        stored = json.loads(file.read_text())
+        if stored.get("key") == key:
+            report = ValidationReport.from_dict(stored["report"])
+            report.notes.append(f"cached: these manifests, images and checks were validated before with this result (key {key[:16]})")
+            file.touch()  # most recently used: pruned last
+            return report, "hit"
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or not a report this wrote: validate again
+        pass
+    report = validate_request_data(forget_path, retain_path, class_names, allowed_buckets, None, root, target, erased)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{file.name}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps({"key": key, "report": report.to_dict()}))
+        os.replace(tmp, file)
+        kept = sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in kept[VALIDATION_CACHE_FILES:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a cache that cannot be written is skipped, not fatal
+    return report, "miss"
+
+
+def validation_key(paths: dict[str, str | Path], class_names: Sequence[str], allowed_buckets: Sequence[str] = (),
+                   root: str | Path | None = None, target: ForgetTarget | None = None,
+                   erased: Sequence[ForgetTarget] = ()) -> str | None:
+    """A content hash of everything the validation of local manifests ``paths`` (role -> path) reads,
+    or None when it cannot be keyed (an S3 or unreadable manifest).
+
+    Per manifest: its path as given (reports name it), its folder, its bytes, and for each local
+    image row the image's resolved path (symlinks followed: escapes are checked on it) and bytes.
+    Besides: the class names, buckets, root, target and erased targets, and the versions of the
+    checks, Pillow and GX.
+    """
+    from importlib.metadata import version
+
+    from PIL import __version__ as pillow_version
+
+    key = hashlib.blake2b(digest_size=20)
+
+    def add(value) -> None:
+        key.update(json.dumps(value, sort_keys=True, default=str).encode() + b"\0")
+
+    add([VALIDATION_CACHE_VERSION, pillow_version, version("great_expectations"), list(class_names), list(allowed_buckets),
+         None if root is None else str(Path(root).resolve()), None if target is None else target.model_dump(mode="json"),
+         [t.model_dump(mode="json") for t in erased]])
+    for role, path in sorted(paths.items()):
+        location = str(path)
+        if location.startswith("s3://"):
+            return None
+        try:
+            data = Path(location).read_bytes()
+            rows = _parse_rows(data.decode("utf-8"), csv_format=location.endswith(".csv"))
+        except (OSError, ValueError, _Unreadable):
+            return None
+        base = str(Path(location).parent.resolve())
+        add([role, location, base])
+        key.update(hashlib.blake2b(data, digest_size=16).digest())
+        parents: dict[str, str] = {}
+        for _, row in rows:
+            raw = row.get("image_path")
+            key.update(_image_state(None if _isnull(raw) else str(raw), base, parents).encode() + b"\0")
+    return key.hexdigest()
+
+
+def _image_state(raw: str | None, base: str, parents: dict[str, str]) -> str:
+    """A local image row's resolved path and a hash of its bytes (or why it cannot be read); "" for
+    rows whose result follows from the manifest text alone (no path, S3 or other URIs, '..')."""
+    if not raw or not raw.strip() or "://" in raw or ".." in raw.split("/"):
+        return ""
+    joined = os.path.join(base, raw)  # an absolute path replaces the base, as in _locate
+    folder, name = os.path.split(joined)
+    try:
+        link = stat.S_ISLNK(os.lstat(joined).st_mode)
+    except OSError:
+        link = False
+    if link or name in ("", ".", ".."):
+        resolved = os.path.realpath(joined)
+    else:  # os.path.realpath per file is slow; a plain file's real path is its folder's plus its name
+        if folder not in parents:
+            parents[folder] = os.path.realpath(folder)
+        resolved = os.path.join(parents[folder], name)
+    try:
+        with open(resolved, "rb") as handle:
+            content = hashlib.blake2b(handle.read(), digest_size=16).hexdigest()
+    except OSError as exc:
+        content = type(exc).__name__
+    return f"{resolved}\0{content}"
 
 
 def _validate_files(paths: dict[str, str | Path], class_names: Sequence[str], allowed_buckets: Sequence[str],

@@ -112,14 +112,17 @@ def test_missing_s3_object(store, s3_env):
 
 
 def test_duplicate_request_id_reports_the_earlier_result(store, monkeypatch):
-    import flows.erasure
+    import tasks.stages
 
-    first = run("dup", method="finetune", gates={"max_forget_accuracy": 0.05, "max_retain_drop": 0.1, "max_heldout_drop": 0.1})
-    assert first["status"] == "rejected"
+    gates = {"max_forget_accuracy": 0.05, "max_retain_drop": 0.1, "max_heldout_drop": 0.1}
+    first = run("dup", method="finetune", gates=gates)
+    assert first.status == "rejected"
     versions = len(registry.list_versions(store.model_name))
-    monkeypatch.setattr(flows.erasure, "prepare_data", lambda *a, **k: pytest.fail("a duplicate must not run again"))
-    again = run("dup", method="finetune")
-    assert again["idempotent"] and again["status"] == "rejected"
+    monkeypatch.setattr(tasks.stages, "prepare_data", lambda *a, **k: pytest.fail("a duplicate must not run again"))
+    again = run("dup", method="finetune", gates=gates)
+    assert again.idempotent and again.status == "rejected"
+    with pytest.raises(ledger.RequestConflict, match="dup"):  # same id, other content: refused, not answered
+        run("dup", method="finetune")
     assert len(registry.list_versions(store.model_name)) == versions
     assert len([e for e in ledger.entries(MlflowClient(), store.experiment) if e.request_id == "dup"]) == 1
 

@@ -43,43 +43,43 @@ def version_count(settings) -> int:
 
 def test_happy_path_promotes_and_records_everything(store):
     report = erasure_flow(request("req-happy"))
-    assert report["status"] == "promoted", report["gates"]
-    assert aliases(store) == {"champion": report["model_version"], "previous": "1"}
-    assert report["after"]["forget_accuracy"] <= GATES["max_forget_accuracy"]
-    assert report["timings"]["unlearn_s"] > 0 and report["timings"]["evaluate_s"] > 0
+    assert report.status == "promoted", report.gates
+    assert aliases(store) == {"champion": report.model_version, "previous": "1"}
+    assert report.after["forget_accuracy"] <= GATES["max_forget_accuracy"]
+    assert report.timings.unlearn_s > 0 and report.timings.evaluate_s > 0
 
-    version = MlflowClient().get_model_version(store.model_name, report["model_version"])
+    version = MlflowClient().get_model_version(store.model_name, report.model_version)
     assert json.loads(version.tags["erasure.targets"]) == [{"kind": "class", "class_name": "circle"}]
     assert json.loads(version.tags["erasure.request_ids"]) == ["req-happy"]
     assert version.tags["erasure.parent_version"] == "1" and version.tags["erasure.method"] == "cliperase"
 
     entry = ledger.find(MlflowClient(), store.experiment, "req-happy")
-    assert entry.status == "promoted" and entry.model_version == report["model_version"]
+    assert entry.status == "promoted" and entry.model_version == report.model_version
     artifacts = {a.path for a in MlflowClient().list_artifacts(entry.run_id)}
     assert {"certificate", "gates", "plots", "validation", "request.json"} <= artifacts
     certificate = json.loads(open(MlflowClient().download_artifacts(entry.run_id, "certificate/certificate.json")).read())
-    assert certificate["decision"] == "promoted" and certificate["model_version"] == report["model_version"]
+    assert certificate["decision"] == "promoted" and certificate["model_version"] == report.model_version
 
     # idempotent: the same request id is answered from the ledger, nothing new is registered
     again = erasure_flow(request("req-happy"))
-    assert again["idempotent"] and again["status"] == "promoted"
+    assert again.idempotent and again.status == "promoted"
     assert version_count(store) == 2
 
 
 def test_failing_gate_registers_rejected_and_keeps_champion(store):
     # fine-tuning on retain forgets nothing in a few steps: the forget gate must fail
     report = erasure_flow(request("req-reject", method="finetune", method_config={"max_steps": 8}))
-    assert report["status"] == "rejected"
-    assert "forget_accuracy" in [g["name"] for g in report["gates"] if not g["passed"]]
+    assert report.status == "rejected"
+    assert "forget_accuracy" in [g.name for g in report.gates if not g.passed]
     assert aliases(store) == {"champion": "1", "previous": None}
-    version = MlflowClient().get_model_version(store.model_name, report["model_version"])
+    version = MlflowClient().get_model_version(store.model_name, report.model_version)
     assert version.tags["status"] == "rejected"
     assert ledger.find(MlflowClient(), store.experiment, "req-reject").status == "rejected"
 
 
 def test_guard_rolls_back_and_reopens_the_requests(store, monkeypatch):
     promoted = erasure_flow(request("req-guarded"))
-    assert promoted["status"] == "promoted"
+    assert promoted.status == "promoted"
     monkeypatch.setenv("ERASURE_MIN_RETAIN_ACCURACY", "0.3")  # the small test model's level
     monkeypatch.setenv("ERASURE_MAX_FORGET_ACCURACY", str(GATES["max_forget_accuracy"]))
     get_settings.cache_clear()
@@ -89,20 +89,20 @@ def test_guard_rolls_back_and_reopens_the_requests(store, monkeypatch):
     get_settings.cache_clear()
     verdict = guard_flow()
     assert not verdict["passed"] and verdict["rollback"]["champion"] == "1"
-    assert aliases(store)["champion"] == "1" and aliases(store)["previous"] != promoted["model_version"]
-    rolled = MlflowClient().get_model_version(store.model_name, promoted["model_version"])
+    assert aliases(store)["champion"] == "1" and aliases(store)["previous"] != promoted.model_version
+    rolled = MlflowClient().get_model_version(store.model_name, promoted.model_version)
     assert rolled.tags["status"] == "rolled_back"
     entry = ledger.find(MlflowClient(), store.experiment, "req-guarded")
     assert entry.status == "pending" and "rolled back" in entry.reason
 
 
 def test_crash_after_registration_leaves_aliases_unchanged(store, monkeypatch):
-    import flows.erasure
+    import tasks.stages
 
     def crash(*args, **kwargs):
         raise RuntimeError("injected crash while writing the certificate")
 
-    monkeypatch.setattr(flows.erasure, "write_certificate", crash)
+    monkeypatch.setattr(tasks.stages, "write_certificate", crash)
     with pytest.raises(RuntimeError, match="injected crash"):
         erasure_flow(request("req-crash"))
     assert aliases(store) == {"champion": "1", "previous": None}

@@ -103,9 +103,9 @@ def test_erasure_of_reference_images_runs_and_counts_them(store, small_records, 
                            "forget_manifest": str(forget), "method": "gradient_ascent", "method_config": {"max_steps": 2},
                            "dry_run": True})
     n = len(forget_rows)
-    assert report["status"] == "dry_run"
-    assert report["data"]["forget_rows_in_reference"] == n and report["data"]["forget_images"] == n
-    assert report["data"]["retain_source"] == "reference train split"
-    assert report["data"]["retain_images"] == sum(1 for r in reference if r.split == "train" and r.label != "circle")
-    metrics = MlflowClient().get_run(report["mlflow_run_id"]).data.metrics
+    assert report.status == "dry_run"
+    assert report.data["dsr-in-reference"]["forget_rows_in_reference"] == n and report.data["dsr-in-reference"]["forget_images"] == n
+    assert report.data["dsr-in-reference"]["retain_source"] == "reference train split"
+    assert report.data["dsr-in-reference"]["retain_images"] == sum(1 for r in reference if r.split == "train" and r.label != "circle")
+    metrics = MlflowClient().get_run(report.mlflow_run_id).data.metrics
     assert metrics["data.forget_rows_in_reference"] == n

@@ -187,10 +187,10 @@ def test_flow_without_a_heldout_metric_rejects_and_reports_the_suite(store):
                            "target": {"kind": "class", "class_name": "circle"}, "method": "finetune",
                            "method_config": {"max_steps": 4}, "heldout_suite": suite,
                            "gates": {"max_forget_accuracy": 1.0, "max_retain_drop": 1.0, "max_heldout_drop": 1.0}})
-    assert report["status"] == "rejected"
-    assert [g["name"] for g in report["gates"] if not g["passed"]] == ["heldout_accuracy_drop"]
-    assert "circle-or-square (probes)" in next(g for g in report["gates"] if g["name"] == "heldout_accuracy_drop")["description"]
-    assert (report["heldout_suite"]["name"], report["heldout_suite"]["kind"]) == ("circle-or-square", "probes")
+    assert report.status == "rejected"
+    assert [g.name for g in report.gates if not g.passed] == ["heldout_accuracy_drop"]
+    assert "circle-or-square (probes)" in next(g for g in report.gates if g.name == "heldout_accuracy_drop").description
+    assert (report.heldout_suite["name"], report.heldout_suite["kind"]) == ("circle-or-square", "probes")
     assert str(registry.get_version_by_alias(store.model_name, "champion").version) == "1"
-    params = MlflowClient().get_run(report["mlflow_run_id"]).data.params
+    params = MlflowClient().get_run(report.mlflow_run_id).data.params
     assert (params["heldout.suite"], params["heldout.kind"]) == ("circle-or-square", "probes")

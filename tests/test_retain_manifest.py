@@ -123,7 +123,7 @@ def test_erasure_with_a_retain_manifest_of_val_and_test_rows_uses_every_row(stor
     report = erasure_flow({"request_id": "own-retain", "requester": "test", "target": {"kind": "class", "class_name": "circle"},
                            "retain_manifest": str(write_manifest(retain, world / "retain.jsonl")), "method": "auto",
                            "method_config": {"max_steps": 2}, "time_budget_s": 0.001, "dry_run": True})
-    assert report["status"] == "dry_run"
-    assert report["attempts"] == ["cliperase"]  # auto's first choice, which needs retain data: it has it
-    assert report["data"]["retain_source"] == "retain_manifest" and report["data"]["retain_images"] == len(retain)
-    assert "circle" in report["per_class_before"]  # the class set is the reference data's
+    assert report.status == "dry_run"
+    assert report.attempts == ["cliperase"]  # auto's first choice, which needs retain data: it has it
+    assert report.data["own-retain"]["retain_source"] == "retain_manifest" and report.data["own-retain"]["retain_images"] == len(retain)
+    assert "circle" in report.per_class_before  # the class set is the reference data's

@@ -56,15 +56,14 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Record]:
             rows.append({**{k: row.get(k) for k in (*REQUIRED_COLUMNS, "split")}, "attributes": attributes})
     else:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = []
+    records, root_text = [], str(root)
     for number, row in enumerate(rows, start=1):
         missing = [c for c in REQUIRED_COLUMNS if not row.get(c)]
         if missing:
             raise ValueError(f"{path}: row {number} lacks {', '.join(missing)}; every row needs {', '.join(REQUIRED_COLUMNS)}")
-        image_path = Path(row["image_path"])
         records.append(
             Record(
-                image_path=str(image_path if image_path.is_absolute() else root / image_path),
+                image_path=_joined(root_text, str(row["image_path"])),
                 label=str(row["label"]),
                 caption=str(row["caption"]),
                 split=str(row.get("split") or ""),
@@ -72,6 +71,17 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Record]:
             )
         )
     return [r for r in records if split is None or r.split == split]
+
+
+def _joined(root: str, image_path: str) -> str:
+    """``str(root / image_path)`` as pathlib makes it (absolute paths kept, "." parts and repeated
+    slashes dropped), by string joining for plain relative paths: pathlib costs ~10 us a row."""
+    plain = image_path and image_path != "." and not image_path.startswith(("/", "./")) and not image_path.endswith(("/", "/.")) \
+        and "//" not in image_path and "/./" not in image_path
+    if not plain:
+        path = Path(image_path)
+        return str(path if path.is_absolute() else Path(root) / path)
+    return f"{root.rstrip('/')}/{image_path}"
 
 
 def write_manifest(records: Iterable[Record], path: str | Path) -> Path:

@@ -8,6 +8,9 @@ Rules:
 - forget images may be reference images (a person's photos are, by definition, in the owner's
   data): those, found by their resolved file path, leave every retain and stop set;
 - every row of a requester's retain manifest is retain data, whatever its split.
+
+Several targets of one :func:`joint_key` (a batch of requests) share one :class:`UnlearningData`
+(:func:`build_joint_unlearning_data`): the union of their forget sets, a retain set without any of them.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Sequence
 
 import torch
 
-from unlearning.data import Record, load_images
+from unlearning.data import Record
 from unlearning.evaluation import subgroup_task
-from unlearning.methods.base import ForgetTarget, LabelledImages, UnlearningData
+from unlearning.image_cache import ImageCache, cached_load_images
+from unlearning.methods.base import ForgetTarget, LabelledImages, UnlearningData, distinct_targets, joint_key  # noqa: F401  (joint_key re-exported)
 
 TRAINING_TEMPLATES = ("a picture of a {}.",)  # never the evaluation prompt "a photo of a {}."
 
@@ -70,14 +74,15 @@ def unknown_target(target: ForgetTarget, reference: Sequence[Record]) -> str | N
             f"— use one of the known values: {', '.join(values)}")
 
 
-def _labelled(records: Sequence[Record], target: ForgetTarget, classnames: list[str], image_size: int) -> LabelledImages:
+def _labelled(records: Sequence[Record], target: ForgetTarget, classnames: list[str], image_size: int,
+              cache_dir: str | os.PathLike | ImageCache | None = None) -> LabelledImages:
     index = {c: i for i, c in enumerate(classnames)}
 
     def name(r: Record) -> str:
         return f"{r.attributes.get(target.attribute)} {r.label}" if target.kind == "subgroup" else r.label
 
     labels = torch.tensor([index.get(name(r), -1) for r in records], dtype=torch.long)
-    return LabelledImages(load_images(records, image_size), [r.caption for r in records], labels)
+    return LabelledImages(cached_load_images(records, image_size, cache_dir), [r.caption for r in records], labels)
 
 
 def _spread(records: Sequence[Record], limit: int, seed: int) -> list[Record]:
@@ -90,7 +95,8 @@ def _spread(records: Sequence[Record], limit: int, seed: int) -> list[Record]:
 def build_unlearning_data(target: ForgetTarget, reference: Sequence[Record], image_size: int,
                           forget_records: Sequence[Record] | None = None, earlier: Sequence[ForgetTarget] = (),
                           retain_records: Sequence[Record] | None = None, max_forget: int = 256, max_retain: int = 4096,
-                          max_val: int = 1024, seed: int = 0) -> UnlearningData:
+                          max_val: int = 1024, seed: int = 0,
+                          cache_dir: str | os.PathLike | ImageCache | None = None) -> UnlearningData:
     """Build the :class:`UnlearningData` for ``target``.
 
     Args:
@@ -102,6 +108,7 @@ def build_unlearning_data(target: ForgetTarget, reference: Sequence[Record], ima
             retention training cannot teach an erased class back.
         retain_records: the requester's retain images, every one of them whatever its split;
             default: the reference train split without the erased targets and the forget images.
+        cache_dir: where decoded images are cached (:func:`unlearning.image_cache.cached_load_images`); None: no cache.
     """
     train = [r for r in reference if r.split == "train"]
     val = [r for r in reference if r.split == "val"]
@@ -117,15 +124,114 @@ def build_unlearning_data(target: ForgetTarget, reference: Sequence[Record], ima
     data = UnlearningData(
         classnames=classnames,
         forget_index=classnames.index(target.name) if target.name in classnames else None,
-        forget=_labelled(_spread(forget, max_forget, seed), target, classnames, image_size) if forget else None,
-        retain=_labelled(_spread(retain, max_retain, seed), target, classnames, image_size) if retain else None,
+        forget=_labelled(_spread(forget, max_forget, seed), target, classnames, image_size, cache_dir) if forget else None,
+        retain=_labelled(_spread(retain, max_retain, seed), target, classnames, image_size, cache_dir) if retain else None,
         templates=list(TRAINING_TEMPLATES),
     )
     # A forget image in the val split is trained on: as a stop image it would no longer be held out.
     forget_val = [r for r in val if target.matches(r) and not (forget_keys and image_key(r.image_path) in forget_keys)]
     retain_val = [r for r in val if not is_erased(r)]
     if forget_val:
-        data.forget_val = _labelled(_spread(forget_val, max_val, seed), target, classnames, image_size)
+        data.forget_val = _labelled(_spread(forget_val, max_val, seed), target, classnames, image_size, cache_dir)
     if retain_val:
-        data.retain_val = _labelled(_spread(retain_val, max_val, seed), target, classnames, image_size)
+        data.retain_val = _labelled(_spread(retain_val, max_val, seed), target, classnames, image_size, cache_dir)
+    return data
+
+
+def _image_pair_key(record: Record) -> tuple[str, str]:
+    return image_key(record.image_path), record.caption
+
+
+def build_joint_unlearning_data(targets: Sequence[ForgetTarget], reference: Sequence[Record], image_size: int,
+                                forget_records: Sequence[Sequence[Record] | None] | None = None,
+                                earlier: Sequence[ForgetTarget] = (), retain_records: Sequence[Record] | None = None,
+                                max_forget: int = 256, max_retain: int = 4096, max_val: int = 1024, seed: int = 0,
+                                cache_dir: str | os.PathLike | ImageCache | None = None) -> UnlearningData:
+    """Build one :class:`UnlearningData` that forgets every target of ``targets`` in one update.
+
+    With one target it is :func:`build_unlearning_data`'s data (plus ``forget_targets``). With
+    several: ``forget`` holds up to ``max_forget`` images *per target* (so a batch of ten costs
+    no target its share), each labelled with its target's class index (``forget_indices``, in the
+    order of ``targets``); ``forget_val`` holds up to ``max_val`` stop images per target; retain and
+    retain-stop sets leave out every target, every earlier one and every forget image. A repeated
+    target counts once, with the union of its requests' forget images.
+
+    Args:
+        targets: the targets, all of one :func:`joint_key`; the first is the run's ``target``.
+        forget_records: per target, the requester's forget images, or None for the target's
+            reference train images; default: None for each.
+        reference, earlier, retain_records, max_retain, seed, cache_dir: as :func:`build_unlearning_data`.
+
+    Raises:
+        ValueError: no target, targets of different joint keys, or ``forget_records`` of another length.
+    """
+    if not targets:
+        raise ValueError("targets: empty — give at least one target to forget")
+    if len({joint_key(t) for t in targets}) > 1:
+        named = ", ".join(f"{t.name!r} ({joint_key(t)})" for t in targets)
+        raise ValueError(f"targets: {named} cannot be forgotten in one update — group them by joint_key "
+                         "(class targets together, subgroups of one attribute together, associations together)")
+    per_request = list(forget_records) if forget_records is not None else [None] * len(targets)
+    if len(per_request) != len(targets):
+        raise ValueError(f"forget_records: {len(per_request)} entries for {len(targets)} targets — give one per target "
+                         "(None: the target's reference train images)")
+    train = [r for r in reference if r.split == "train"]
+    val = [r for r in reference if r.split == "val"]
+    unique = distinct_targets(targets)
+    classnames = target_classnames(unique[0], reference)
+    forget_keys = {image_key(r.image_path) for records in per_request for r in records or ()}
+    erased = [*unique, *earlier]
+
+    def is_erased(r: Record) -> bool:
+        return any(t.matches(r) for t in erased) or (bool(forget_keys) and image_key(r.image_path) in forget_keys)
+
+    # Each target's forget images: the union over its requests, each request's own list as given.
+    own: dict[int, list[Record]] = {i: [] for i in range(len(unique))}
+    for target, records in zip(targets, per_request):
+        pool = own[unique.index(target)]
+        seen = {_image_pair_key(r) for r in pool}
+        pool += [r for r in (list(records) if records else [r for r in train if target.matches(r)])
+                 if not (pool and _image_pair_key(r) in seen)]
+
+    def joined(pools: list[list[Record]], limit: int) -> tuple[list[Record], list[int]]:
+        """Each target's pool sampled to ``limit``, concatenated without repeats; the target of each row."""
+        rows, owners, seen = [], [], set()
+        for i, pool in enumerate(pools):
+            for r in _spread(pool, limit, seed):
+                if len(pools) == 1 or _image_pair_key(r) not in seen:
+                    seen.add(_image_pair_key(r))
+                    rows.append(r)
+                    owners.append(i)
+        return rows, owners
+
+    indices = [classnames.index(t.name) if t.name in classnames else None for t in unique]
+    class_like = unique[0].kind != "association"
+
+    def labelled(records: list[Record], owners: list[int] | None = None) -> LabelledImages:
+        images = _labelled(records, unique[0], classnames, image_size, cache_dir)
+        if owners is not None and class_like:  # a forget image forgets the class it was asked for under
+            wanted = torch.tensor([-1 if indices[i] is None else indices[i] for i in owners], dtype=torch.long)
+            images.labels = torch.where(wanted >= 0, wanted, images.labels)
+        return images
+
+    forget, forget_owners = joined([own[i] for i in range(len(unique))], max_forget)
+    retain = list(retain_records) if retain_records is not None else [r for r in train if not is_erased(r)]
+    known = list(dict.fromkeys(i for i in indices if i is not None)) if class_like else []
+    data = UnlearningData(
+        classnames=classnames,
+        forget_index=known[0] if class_like and known and None not in indices else None,
+        forget=labelled(forget, forget_owners) if forget else None,
+        retain=_labelled(_spread(retain, max_retain, seed), unique[0], classnames, image_size, cache_dir) if retain else None,
+        templates=list(TRAINING_TEMPLATES),
+        forget_indices=known,
+        forget_targets=unique,
+    )
+    # A forget image in the val split is trained on: as a stop image it would no longer be held out.
+    stop_pools = [[r for r in val if t.matches(r) and not (forget_keys and image_key(r.image_path) in forget_keys)] for t in unique]
+    forget_val, _ = joined(stop_pools, max_val)
+    retain_val = [r for r in val if not is_erased(r)]
+    if forget_val:
+        data.forget_val = _labelled(forget_val, unique[0], classnames, image_size, cache_dir)
+    if retain_val:
+        data.retain_val = _labelled(_spread(retain_val, max_val, seed), unique[0], classnames, image_size, cache_dir)
     return data

@@ -21,13 +21,15 @@ Metric names (flat, so they can be logged to MLflow and gated):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-from unlearning.data import Record, ZeroShotTask, class_task, load_images, read_manifest
+from unlearning.data import Record, ZeroShotTask, class_task, read_manifest
 from unlearning.heldout import PARAPHRASE_TEMPLATES, HeldoutInfo, HeldoutSuite, HeldoutSuiteError, load_heldout_suite, template_seen_in
+from unlearning.image_cache import ImageCache, cached_load_images
 from unlearning.methods.base import ForgetTarget, LabelledImages
 from unlearning.metrics import (
     ZeroShotResult,
@@ -198,7 +200,8 @@ def has_world_attributes(records: Sequence[Record]) -> bool:
 
 
 def build_eval_set(records: list[Record], image_size: int, suite: str | HeldoutSuite | None = "auto",
-                   seen_texts: Iterable[str] = (), class_templates: Sequence[str] = CLASS_TEMPLATES) -> EvalSet:
+                   seen_texts: Iterable[str] = (), class_templates: Sequence[str] = CLASS_TEMPLATES,
+                   cache_dir: str | os.PathLike | ImageCache | None = None) -> EvalSet:
     """Evaluation images with the held-out suite to probe them with (see :mod:`unlearning.heldout`).
 
     Args:
@@ -208,6 +211,7 @@ def build_eval_set(records: list[Record], image_size: int, suite: str | HeldoutS
         seen_texts: the reference data's captions (the model may have trained on any of them). No
             held-out template may match one, nor the methods' training prompts or the class prompt:
             ``paraphrase`` drops such templates, a suite of one's own is refused.
+        cache_dir: where decoded images are cached (:func:`unlearning.image_cache.cached_load_images`); None: no cache.
 
     Raises:
         HeldoutSuiteError: the suite cannot be read, or does not fit these records.
@@ -231,9 +235,9 @@ def build_eval_set(records: list[Record], image_size: int, suite: str | HeldoutS
         else:
             probe_records = read_manifest(resolved.manifest) if resolved.manifest else None
             probes_for, info = _suite_probes(resolved, source, records if probe_records is None else probe_records, seen)
-    return EvalSet(records, load_images(records, image_size), class_templates=class_templates, probes_for=probes_for,
+    return EvalSet(records, cached_load_images(records, image_size, cache_dir), class_templates=class_templates, probes_for=probes_for,
                    heldout=info, probe_records=probe_records,
-                   probe_images=None if probe_records is None else load_images(probe_records, image_size))
+                   probe_images=None if probe_records is None else cached_load_images(probe_records, image_size, cache_dir))
 
 
 ProbesFor = Callable[[list[str]], dict[str, ZeroShotTask]]

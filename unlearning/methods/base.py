@@ -15,6 +15,9 @@ Conventions all methods follow:
 - Images arrive as uint8 tensors; :func:`unlearning.metrics.prepare_images` normalises them.
 - Class-like targets (class, subgroup) are one entry of ``data.classnames``; association targets
   are the forget image-text pairs themselves.
+- Joint data (several targets of one :func:`joint_key`, ``data.forget_targets``) goes only to a
+  method whose ``joint_kinds`` has their kind; ``target`` is then the first of them, and every index
+  of ``data.forget_indices`` (each forget image's label) is forgotten.
 """
 
 from __future__ import annotations
@@ -56,11 +59,15 @@ class UnlearningData:
     Attributes:
         classnames: the zero-shot classes the target lives among (all shapes; or all colour x shape
             subgroups for a subgroup target).
-        forget_index: index of the target in ``classnames`` (None for associations).
+        forget_index: index of the target in ``classnames`` (None for associations, and for joint
+            data where some target is not among ``classnames``).
         forget: real forget images (None: the method synthesises, e.g. Kravets).
         retain: retain images (other classes, sibling subgroups, or non-forget pairs).
         forget_val / retain_val: held-out images for stopping rules and calibration (α search).
         templates: *training* prompt templates; evaluation prompts are kept out of the loss.
+        forget_indices: every forgotten class index (``[forget_index]`` for one target, filled in
+            from it); the first is ``forget_index``.
+        forget_targets: every target the data forgets, for joint data; empty: the run's target alone.
     """
 
     classnames: list[str]
@@ -70,6 +77,14 @@ class UnlearningData:
     forget_val: LabelledImages | None = None
     retain_val: LabelledImages | None = None
     templates: list[str] = field(default_factory=lambda: ["a picture of a {}."])
+    forget_indices: list[int] = field(default_factory=list)
+    forget_targets: list[ForgetTarget] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.forget_indices and self.forget_index is not None:
+            self.forget_indices = [self.forget_index]
+        if self.forget_index is not None and self.forget_indices[0] != self.forget_index:
+            raise ValueError(f"forget_indices {self.forget_indices} must start with forget_index {self.forget_index}")
 
 
 class MethodConfig(BaseModel):
@@ -121,17 +136,20 @@ class Method:
     needs_retain_data: bool
     needs_original: bool
     paper: str = ""
+    joint_kinds: frozenset[str] = frozenset()  # target kinds it can forget several of in one run
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, config_cls: type[MethodConfig], *, target_kinds: Sequence[str], needs_forget_data: bool,
-             needs_retain_data: bool, needs_original: bool, paper: str = ""):
-    """Decorator: make a method findable by ``name``."""
+             needs_retain_data: bool, needs_original: bool, paper: str = "", joint_kinds: Sequence[str] = ()):
+    """Decorator: make a method findable by ``name``; ``joint_kinds``: the target kinds it can
+    forget several of in one run (see :func:`supports_joint`)."""
 
     def wrap(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(name, fn, config_cls, frozenset(target_kinds), needs_forget_data, needs_retain_data, needs_original, paper)
+        METHODS[name] = Method(name, fn, config_cls, frozenset(target_kinds), needs_forget_data, needs_retain_data, needs_original, paper,
+                               frozenset(joint_kinds))
         return fn
 
     return wrap
@@ -145,22 +163,55 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def joint_key(target: ForgetTarget) -> str:
+    """Targets with the same key can be forgotten in one update: they share a class set
+    (``"class"``; ``"subgroup:<attribute>"``) or are all image-text pairs (``"association"``)."""
+    return f"subgroup:{target.attribute}" if target.kind == "subgroup" else target.kind
+
+
+def distinct_targets(targets: Sequence[ForgetTarget]) -> list[ForgetTarget]:
+    """``targets`` without repeats, in order (a batch may name a class twice)."""
+    unique: list[ForgetTarget] = []
+    for target in targets:
+        if target not in unique:
+            unique.append(target)
+    return unique
+
+
+def supports_joint(method_name: str, targets: Sequence[ForgetTarget]) -> bool:
+    """Can method ``method_name`` forget all of ``targets`` in one run? One distinct target: if it
+    handles its kind; several: if they share a :func:`joint_key` and their kind is a joint kind of the method."""
+    method = get_method(method_name)
+    unique = distinct_targets(targets)
+    if len(unique) <= 1:
+        return all(t.kind in method.target_kinds for t in unique)
+    return len({joint_key(t) for t in unique}) == 1 and unique[0].kind in method.joint_kinds & method.target_kinds
+
+
 def unmet_needs(name: str, target: ForgetTarget, data: UnlearningData, config: MethodConfig | None = None) -> list[str]:
     """What method ``name`` would need to run on ``target`` with ``data`` (and ``config``) but lacks.
 
     Returns:
         Empty when it can run; else any of ``"target_kind"`` (the method does not handle this kind
         of target) and the missing :class:`UnlearningData` fields: ``"forget_index"`` (a class or
-        subgroup target outside ``data.classnames``), ``"forget"``, ``"retain"``, or one that
-        ``config.data_needs()`` names (e.g. ``"forget_val"``).
+        subgroup target outside ``data.classnames``; for joint data: any of its targets),
+        ``"joint"`` (joint data, and the method cannot forget these targets in one run),
+        ``"forget"`` (for joint class-like data also: some forgotten index has no forget image),
+        ``"retain"``, or one that ``config.data_needs()`` names (e.g. ``"forget_val"``).
     """
     method = get_method(name)
     unmet = [] if target.kind in method.target_kinds else ["target_kind"]
     if target.kind != "association" and data.forget_index is None:
         unmet.append("forget_index")
+    if len(data.forget_targets) > 1 and not supports_joint(name, data.forget_targets):
+        unmet.append("joint")
     wanted = [*(["forget"] if method.needs_forget_data else []), *(["retain"] if method.needs_retain_data else []),
               *(config.data_needs() if config is not None else ())]
-    return unmet + [need for need in dict.fromkeys(wanted) if not getattr(data, need)]
+    missing = [need for need in dict.fromkeys(wanted) if not getattr(data, need)]
+    if "forget" in wanted and "forget" not in missing and len(data.forget_indices) > 1:
+        if set(data.forget_indices) - set(data.forget.labels.tolist()):  # a target of the batch with nothing to forget
+            missing.insert(0, "forget")
+    return unmet + missing
 
 
 def run_method(name: str, model: torch.nn.Module, tokenizer, target: ForgetTarget, data: UnlearningData,
@@ -175,6 +226,14 @@ def run_method(name: str, model: torch.nn.Module, tokenizer, target: ForgetTarge
     unmet = unmet_needs(name, target, data, config)
     if "target_kind" in unmet:
         raise ValueError(f"method {name!r} handles {sorted(method.target_kinds)} targets, not {target.kind!r}")
+    if data.forget_targets and target != data.forget_targets[0]:
+        raise ValueError(f"target {target.name!r} is not the first of data.forget_targets "
+                         f"({', '.join(repr(t.name) for t in data.forget_targets)}): pass data.forget_targets[0]")
+    if "joint" in unmet:
+        fitting = sorted(m.name for m in METHODS.values() if supports_joint(m.name, data.forget_targets))
+        raise ValueError(f"method {name!r} forgets one {target.kind} target per run, and the data names "
+                         f"{len(data.forget_targets)} ({', '.join(repr(t.name) for t in data.forget_targets)}) — "
+                         f"run them one after another, or use one of: {', '.join(fitting) or 'none'}")
     if unmet:
         raise ValueError(f"method {name!r} needs data.{', data.'.join(unmet)}, which the data given lacks")
     if method.needs_original and original is None:

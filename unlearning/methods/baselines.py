@@ -12,6 +12,10 @@ images, and one stop rule (:func:`forget_check`) checked every ``config.eval_eve
 
 ``logit_scale`` is never updated: ascent would otherwise just shrink the temperature.
 
+Joint data (several targets, ``data.forget_targets``): each forget image is paired with, or ascended
+on, its own class (its label); a subgroup's siblings are those of every target; the stop rule holds
+once the *worst* target's stop images are at the threshold (associations: the pooled pairs' recall).
+
 The baselines (methods.md section 4):
 - ``gradient_ascent``: maximise the zero-shot cross-entropy of forget images against the class
   prompts (class/subgroup) or the in-batch CLIP loss of forget pairs (association).
@@ -44,7 +48,7 @@ from unlearning.methods.common import (
     sample_batch,
     zero_shot_logits,
 )
-from unlearning.metrics import encode_images, encode_texts
+from unlearning.metrics import encode_images, encode_texts, zero_shot_classifier
 
 LossFn = Callable[[], tuple[torch.Tensor, dict]]
 
@@ -77,21 +81,40 @@ def class_prompts(data: UnlearningData, batch: LabelledImages, generator: torch.
             for t, c, text in zip(picks, batch.labels.tolist(), batch.texts)]
 
 
-def forget_batch(target: ForgetTarget, data: UnlearningData, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """A batch of forget images with the text each is paired with: its class prompt for class-like
-    targets (so the evaluation prompts never enter a loss), its own caption for associations."""
+def forget_labels(data: UnlearningData, batch: LabelledImages) -> torch.Tensor:
+    """The forgotten class of each forget image: its label where that is one of ``data.forget_indices``
+    (joint data), else the target's ``forget_index``."""
+    indices = torch.tensor(data.forget_indices, dtype=torch.long)
+    return torch.where(torch.isin(batch.labels, indices), batch.labels, torch.full_like(batch.labels, data.forget_index))
+
+
+def forget_batch(target: ForgetTarget, data: UnlearningData, size: int, generator: torch.Generator,
+                 with_labels: bool = False) -> tuple[torch.Tensor, list[str]] | tuple[torch.Tensor, list[str], torch.Tensor]:
+    """A batch of forget images with the text each is paired with: its (own, for joint data) class
+    prompt for class-like targets (so the evaluation prompts never enter a loss), its own caption
+    for associations; ``with_labels`` also returns the class index of each (see :func:`forget_labels`)."""
     batch = sample_batch(data.forget, size, generator)
     if target.kind == "association":
-        return batch.images, batch.texts
-    as_target = LabelledImages(batch.images, batch.texts, torch.full((len(batch),), data.forget_index))
-    return batch.images, class_prompts(data, as_target, generator)
+        return (batch.images, batch.texts, batch.labels) if with_labels else (batch.images, batch.texts)
+    as_target = LabelledImages(batch.images, batch.texts, forget_labels(data, batch))
+    texts = class_prompts(data, as_target, generator)
+    return (batch.images, texts, as_target.labels) if with_labels else (batch.images, texts)
+
+
+def sibling_indices(target: ForgetTarget, data: UnlearningData) -> list[int]:
+    """For subgroup targets: the indices of the sibling subgroups (same class, another value) of
+    every target the data forgets, the forgotten ones left out."""
+    targets = data.forget_targets or [target]
+    forgotten = set(data.forget_indices)
+    return [i for i, name in enumerate(data.classnames)
+            if i not in forgotten and any(t.kind == "subgroup" and name.endswith(f" {t.class_name}") for t in targets)]
 
 
 def retain_batch(target: ForgetTarget, data: UnlearningData, size: int, generator: torch.Generator, sibling_share: float) -> LabelledImages:
     """A batch of retain images; for a subgroup target, ``sibling_share`` of it from the siblings."""
     if target.kind != "subgroup" or not sibling_share:
         return sample_batch(data.retain, size, generator)
-    siblings = [i for i, name in enumerate(data.classnames) if name.endswith(f" {target.class_name}") and i != data.forget_index]
+    siblings = sibling_indices(target, data)
     is_sibling = torch.isin(data.retain.labels, torch.tensor(siblings, dtype=torch.long))
     if not bool(is_sibling.any()):
         return sample_batch(data.retain, size, generator)
@@ -123,9 +146,26 @@ def forget_check(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: 
             return association_recall(model, tokenizer, stop_set, data.retain_val, config.recall_k)
         return score, config.stop_forget_recall
 
+    if len(data.forget_indices) > 1:
+        def score() -> float:
+            return worst_class_accuracy(model, tokenizer, stop_set, data.forget_indices, data.classnames, data.templates)
+        return score, config.stop_forget_accuracy
+
     def score() -> float:
         return accuracy(model, tokenizer, stop_set, data.classnames, data.templates)
     return score, config.stop_forget_accuracy
+
+
+@torch.no_grad()
+def worst_class_accuracy(model: torch.nn.Module, tokenizer, data: LabelledImages, indices: list[int], classnames: list[str],
+                         templates: list[str]) -> float:
+    """The highest zero-shot accuracy, over the classes ``indices``, of ``data``'s images of that
+    class (classes without an image are skipped; NaN when none has one)."""
+    classifier = zero_shot_classifier(model, tokenizer, classnames, templates)
+    feats = encode_images(model, data.images)
+    predictions = (feats @ classifier.to(feats.device)).argmax(dim=-1).cpu()
+    scores = [float((predictions[data.labels == i] == i).float().mean()) for i in indices if bool((data.labels == i).any())]
+    return max(scores) if scores else float("nan")
 
 
 def optimise(params: list[torch.nn.Parameter], loss_fn: LossFn, config: MethodConfig, score: Callable[[], float] | None = None,
@@ -190,12 +230,11 @@ def run_summary(history: list[dict], threshold: float, started: float) -> dict:
 def _ascent_loss(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: UnlearningData, size: int,
                  generator: torch.Generator) -> torch.Tensor:
     """The forget-set task loss that the ascent baselines *maximise* (returned un-negated)."""
-    images, texts = forget_batch(target, data, size, generator)
+    images, texts, labels = forget_batch(target, data, size, generator, with_labels=True)
     if target.kind == "association":
         return clip_contrastive_loss(model, tokenizer, images, texts)
     classes = class_text_features(model, tokenizer, data.classnames, data.templates)
-    labels = torch.full((len(images),), data.forget_index, dtype=torch.long, device=classes.device)
-    return F.cross_entropy(zero_shot_logits(model, images, classes), labels)
+    return F.cross_entropy(zero_shot_logits(model, images, classes), labels.to(classes.device))
 
 
 def _run_baseline(model, tokenizer, target, data, config: BudgetConfig, progress, ascent: bool, retain: bool) -> MethodResult:
@@ -221,7 +260,7 @@ def _run_baseline(model, tokenizer, target, data, config: BudgetConfig, progress
 _ALL_TARGETS = ("class", "subgroup", "association")
 
 
-@register("gradient_ascent", BudgetConfig, target_kinds=_ALL_TARGETS, needs_forget_data=True, needs_retain_data=False,
+@register("gradient_ascent", BudgetConfig, target_kinds=_ALL_TARGETS, joint_kinds=_ALL_TARGETS, needs_forget_data=True, needs_retain_data=False,
           needs_original=False, paper="baseline: gradient ascent (NegGrad) on the forget set")
 def gradient_ascent(model, tokenizer, target, data, config, original=None, progress=None) -> MethodResult:
     """Maximise the forget set's zero-shot CE (class/subgroup) or CLIP loss (association).
@@ -238,7 +277,7 @@ def gradient_ascent(model, tokenizer, target, data, config, original=None, progr
     return _run_baseline(model, tokenizer, target, data, config, progress, ascent=True, retain=False)
 
 
-@register("graddiff", BudgetConfig, target_kinds=_ALL_TARGETS, needs_forget_data=True, needs_retain_data=True,
+@register("graddiff", BudgetConfig, target_kinds=_ALL_TARGETS, joint_kinds=_ALL_TARGETS, needs_forget_data=True, needs_retain_data=True,
           needs_original=False, paper="baseline: GradDiff (ascent on forget + descent on retain)")
 def graddiff(model, tokenizer, target, data, config, original=None, progress=None) -> MethodResult:
     """Gradient ascent on the forget set plus CLIP-loss descent on retain pairs (weight 1 each).
@@ -248,7 +287,7 @@ def graddiff(model, tokenizer, target, data, config, original=None, progress=Non
     return _run_baseline(model, tokenizer, target, data, config, progress, ascent=True, retain=True)
 
 
-@register("finetune", BudgetConfig, target_kinds=_ALL_TARGETS, needs_forget_data=False, needs_retain_data=True,
+@register("finetune", BudgetConfig, target_kinds=_ALL_TARGETS, joint_kinds=_ALL_TARGETS, needs_forget_data=False, needs_retain_data=True,
           needs_original=False, paper="baseline: fine-tune on retain only")
 def finetune(model, tokenizer, target, data, config, original=None, progress=None) -> MethodResult:
     """CLIP-loss descent on retain pairs only; the stop rule still watches the forget set.

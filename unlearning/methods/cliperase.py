@@ -70,6 +70,13 @@ Deviations from the paper, and why (dev champion, val split, forgetting "circle"
 - The paper does not say whether the L_CM softmax runs over the batch or over class prompts; we
   use the batch, which with class-prompt pairs covers both.
 - ``logit_scale`` stays fixed, and the model stays in ``eval()`` (BatchNorm; see base.py).
+- Several targets in one run (ours; the paper forgets one class per run): joint data
+  (:func:`unlearning.erasure_data.build_joint_unlearning_data`) pools the targets' forget images,
+  each paired with its *own* class prompt, in the same 32-pair forget batch; the text anchors and
+  random words leave out every forgotten class; a subgroup's sibling share draws from the siblings
+  of every target; the stop rule waits for the worst target. On the test model, forgetting arrow
+  and crescent together took 95 steps (43 s) where arrow alone took 137 and crescent 35, at the
+  same time per step, with 0 % of either left on test.
 """
 
 from __future__ import annotations
@@ -214,16 +221,18 @@ def cliperase_terms(model: torch.nn.Module, original: torch.nn.Module, tokenizer
 
 
 @register("cliperase", CLIPEraseConfig, target_kinds=("class", "subgroup", "association"), needs_forget_data=True,
-          needs_retain_data=True, needs_original=True, paper="Yang et al., CLIPErase, ACL 2025 (arXiv 2410.23330)")
+          needs_retain_data=True, needs_original=True, paper="Yang et al., CLIPErase, ACL 2025 (arXiv 2410.23330)",
+          joint_kinds=("class", "subgroup", "association"))
 def cliperase(model, tokenizer, target, data, config: CLIPEraseConfig, original=None, progress=None) -> MethodResult:
     """Unlearn ``target`` with CLIPErase's forget / retain / consistency losses (module docstring).
 
     Args:
         model: the CLIP to unlearn, changed in place (kept in ``eval()``).
         tokenizer: its tokenizer.
-        target: a class, subgroup or association target.
+        target: a class, subgroup or association target (for joint data, ``data.forget_targets[0]``).
         data: ``forget`` and ``retain`` pairs; ``forget_val`` (else ``forget``) and, for
-            associations, ``retain_val`` feed the stop rule.
+            associations, ``retain_val`` feed the stop rule. Joint data forgets every index of
+            ``data.forget_indices`` (module docstring).
         config: a :class:`CLIPEraseConfig`.
         original: the frozen original model (teacher of the consistency term).
         progress: called with each history row.
@@ -236,9 +245,15 @@ def cliperase(model, tokenizer, target, data, config: CLIPEraseConfig, original=
     started = time.perf_counter()
     prompt_share = 0.0 if target.kind == "association" else {"class_prompt": 1.0, "caption": 0.0, "both": 0.5}[config.retain_texts]
 
+    # Joint data: every forgotten class leaves the anchors, and no random word may be part of one.
+    forgotten_names = [data.classnames[i] for i in data.forget_indices]
+    avoid = "|".join(forgotten_names) or str(target.class_name)
     anchors = []
     if config.anchor_weight and target.kind != "association" and data.forget_index is not None:
-        anchors = text_anchors(original, tokenizer, data.classnames, data.forget_index, data.templates, config.anchor_random_words,
+        # text_anchors leaves out one index: put the forgotten classes there as one name, so that the
+        # kept classes (in their order) are anchored and random words avoid every forgotten name.
+        kept = [c for i, c in enumerate(data.classnames) if i not in set(data.forget_indices)]
+        anchors = text_anchors(original, tokenizer, [*kept, avoid], len(kept), data.templates, config.anchor_random_words,
                                generator)
 
     use_forget_consistency = bool(config.forget_consistency_weight) and target.kind == "class"
@@ -256,7 +271,7 @@ def cliperase(model, tokenizer, target, data, config: CLIPEraseConfig, original=
         is_forget = torch.cat([torch.ones(len(forget_images), dtype=torch.bool), torch.zeros(len(retain), dtype=torch.bool)])
         attribute_texts = None
         if use_attribute_consistency:
-            word = random_word(tokenizer, generator, avoid=target.class_name)
+            word = random_word(tokenizer, generator, avoid=avoid)
             attribute_texts = swap_class_names(retain.texts, retain.labels, data.classnames, word)
         terms = cliperase_terms(model, original, tokenizer, torch.cat([forget_images, retain.images]),
                                 forget_texts + retain_texts, is_forget, forget_consistency=use_forget_consistency,
