@@ -140,7 +140,7 @@ def test_forget_row_of_another_class_is_refused_naming_it(store, tmp_path, small
 def test_unknown_subgroup_value_fails_before_any_work_listing_known_values(store, monkeypatch):
     import tasks.data
 
-    monkeypatch.setattr(tasks.data, "validate_request_data", lambda *a, **k: pytest.fail("validation ran for an unknown target"))
+    monkeypatch.setattr(tasks.data, "cached_validate_request_data", lambda *a, **k: pytest.fail("validation ran for an unknown target"))
     with pytest.raises(ValueError, match=r"^target.value: .*'teal'.* known values: .*red"):
         run("teal", target={"kind": "subgroup", "class_name": "circle", "attribute": "colour", "value": "teal"})
     untouched(store)

@@ -152,8 +152,11 @@ def settings(mlflow_store, small_world, monkeypatch):
     """A fresh home and tracking store with the small world as the reference data (no champion: prepare_data needs none)."""
     from tasks.settings import get_settings
 
+    from tasks.registry import configure_mlflow
+
     monkeypatch.setenv("ERASURE_REFERENCE_MANIFEST", str(small_world))
     get_settings.cache_clear()
+    configure_mlflow(get_settings())  # this store's experiment, not one an earlier test left active
     yield get_settings()
     get_settings.cache_clear()
 

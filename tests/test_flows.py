@@ -103,8 +103,9 @@ def test_crash_after_registration_leaves_aliases_unchanged(store, monkeypatch):
         raise RuntimeError("injected crash while writing the certificate")
 
     monkeypatch.setattr(tasks.stages, "write_certificate", crash)
+    open_gates = {"max_forget_accuracy": 1.0, "max_retain_drop": 1.0, "max_heldout_drop": 1.0}  # a quick promotion
     with pytest.raises(RuntimeError, match="injected crash"):
-        erasure_flow(request("req-crash"))
+        erasure_flow(request("req-crash", method="finetune", method_config={"max_steps": 4}, gates=open_gates))
     assert aliases(store) == {"champion": "1", "previous": None}
     assert version_count(store) == 2  # registered for audit, never served
     assert ledger.find(MlflowClient(), store.experiment, "req-crash").status == "failed"

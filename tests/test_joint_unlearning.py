@@ -4,13 +4,11 @@ one CLIPErase run that forgets two classes on the small trained CLIP."""
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
 
 from unlearning.erasure_data import build_joint_unlearning_data, build_unlearning_data, joint_key
-from unlearning.evaluation import EvalSet, evaluate
 from unlearning.methods import ForgetTarget, run_method, unmet_needs
 from unlearning.methods.base import supports_joint
 from unlearning.methods.baselines import BudgetConfig, forget_batch, forget_check, retain_batch
@@ -154,27 +152,5 @@ def test_joint_stop_rule_waits_for_the_worst_target(trained_bundle, reference):
     assert score() == pytest.approx(max(per_target))
 
 
-def _two_best_classes(model, tokenizer, eval_set) -> list[ForgetTarget]:
-    per_class = evaluate(model, tokenizer, eval_set, []).per_class
-    return [ForgetTarget(kind="class", class_name=c) for c in sorted(per_class, key=per_class.get, reverse=True)[:2]]
-
-
-def test_one_cliperase_run_forgets_two_classes_and_keeps_the_others(trained_bundle, small_records, test_images, reference):
-    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
-    eval_set = EvalSet(small_records["test"], test_images)
-    targets = _two_best_classes(model, tokenizer, eval_set)
-    before = evaluate(model, tokenizer, eval_set, targets).metrics
-    data = build_joint_unlearning_data(targets, reference, 32, max_retain=1024)
-
-    started = time.perf_counter()
-    result = run_method("cliperase", model, tokenizer, targets[0], data, FAST, original=copy.deepcopy(model).requires_grad_(False))
-    seconds = time.perf_counter() - started
-
-    after = evaluate(model, tokenizer, eval_set, targets).metrics
-    assert result.summary["stopped"], result.summary
-    for target in targets:  # each target, on unseen test images (lenient, as tests/test_cliperase.py)
-        name = f"forget_accuracy/{target.name}"
-        assert before[name] >= 0.5
-        assert after[name] <= 0.5 * before[name], (name, before[name], after[name])
-    assert before["retain_accuracy"] - after["retain_accuracy"] <= 0.08
-    print(f"joint cliperase {[t.name for t in targets]}: {result.summary['steps']} steps, {seconds:.1f} s")
+# One joint CLIPErase run forgetting circle and square while the others keep the gates is tested end to end
+# by tests/test_lifecycle.py (the batch test); a library-level copy of it cost another minute of CI.

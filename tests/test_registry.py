@@ -150,6 +150,7 @@ def test_register_and_alias_over_http(mlflow_server, mlflow_server_store, model_
 
     with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/registered-models/alias?name={name}&alias=champion") as response:
         served = json.load(response)["model_version"]
-    assert (served["version"], served["tags"]) == (str(version.version), [{"key": "request_id", "value": "http"}])
+    tags = {t["key"]: t["value"] for t in served["tags"]}
+    assert (served["version"], tags["request_id"], tags["status"]) == (str(version.version), "http", "champion")
     folder = download_version(name, "champion", tmp_path / "download")
     assert filecmp.cmp(folder / WEIGHTS_FILE, model_dirs[0] / WEIGHTS_FILE, shallow=False)
