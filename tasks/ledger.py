@@ -179,7 +179,8 @@ def pending(client: MlflowClient, experiment: str, model_name: str | None = None
     """
     states = [s for s in entries(client, experiment) if s.status in RERUNNABLE and (model_name is None or s.model_name == model_name)]
     far = datetime.max.replace(tzinfo=timezone.utc)
-    return sorted(states, key=lambda s: (_parse_time(s.due_at) if s.due_at else far, s.requested_at or ""))
+    # entries() is newest first; reversed, equal deadlines keep the order the requests were filed in
+    return sorted(reversed(states), key=lambda s: (_parse_time(s.due_at) if s.due_at else far, s.requested_at or ""))
 
 
 def request_body(client: MlflowClient, state_or_run_id: RequestState | str) -> dict:

@@ -208,8 +208,11 @@ def plan_update(requests: list[ErasureRequest], data: dict[str, ErasureData], ch
         buckets.setdefault(key, []).append(request)
     groups = []
     reference = first.reference
+    size = settings.joint_max_targets
     for members_of in buckets.values():
-        groups.extend(_groups_of(members_of, data, reference, champion, all_targets, cache_folder(settings, "images")))
+        for start in range(0, len(members_of), size):  # one method run forgets at most `size` targets (docs/benchmarks.md)
+            groups.extend(_groups_of(members_of[start:start + size], data, reference, champion, all_targets,
+                                     cache_folder(settings, "images")))
     forget_rows = [row for r in requests for row in (data[r.request_id].forget_records or [])]
     test = [r for r in reference if r.split == "test"] or reference
     seen = {r.caption for r in reference} | {row.caption for r in requests for row in (data[r.request_id].retain_records or [])}

@@ -231,6 +231,11 @@ def test_mark_deadlines_flags_overdue_and_due_soon_and_pending_orders_by_due_dat
     assert -10.5 < overdue.days_left < -9.5
     assert [s.request_id for s in ledger.pending(client, settings.experiment)] == ["req-overdue", "req-soon", "req-fresh"]
     assert ledger.pending(client, settings.experiment, model_name="another-model") == []
+    same = now - timedelta(days=1)  # equal deadlines: the order they were filed in
+    for request_id in ("req-tie-1", "req-tie-2", "req-tie-3"):
+        ledger.file_request(client, experiment_id, request(request_id, same), MODEL)
+    ties = [s.request_id for s in ledger.pending(client, settings.experiment) if s.request_id.startswith("req-tie")]
+    assert ties == ["req-tie-1", "req-tie-2", "req-tie-3"]
 
     # once handled, a request is no longer flagged, and its old flag goes
     ledger.set_status(client, overdue.run_id, "promoted")
