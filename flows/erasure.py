@@ -52,7 +52,7 @@ def erasure_flow(request: ErasureRequest | dict | str, settings: ErasureSettings
             return ErasureReport.answered(answered)
         run_id = open_attempt(client, settings, experiment_id, request, name)
         with ledger.lease(client, run_id, settings.lease_seconds):
-            update, outcomes = update_flow([request], {request.request_id: run_id}, settings, name)
+            update, outcomes = update_flow([request], {request.request_id: run_id}, settings, name, raise_invalid=True)
     outcome = outcomes[-1]
     update.timings.wall_s = time.perf_counter() - started
     return ErasureReport(**update.model_dump(), request_id=request.request_id, status=outcome.status,

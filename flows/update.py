@@ -32,9 +32,12 @@ from tasks.stages import (decide_gates, evaluate_before, fail_request, mark_reje
 
 
 @flow(name="erasure-update", log_prints=True)
-def update_flow(requests: list[ErasureRequest], runs: dict[str, str], settings: ErasureSettings,
-                name: str) -> tuple[UpdateReport | None, list[RequestOutcome]]:
-    """Erase ``requests`` (their attempt runs in ``runs``) from ``name``'s champion in one update."""
+def update_flow(requests: list[ErasureRequest], runs: dict[str, str], settings: ErasureSettings, name: str,
+                raise_invalid: bool = False) -> tuple[UpdateReport | None, list[RequestOutcome]]:
+    """Erase ``requests`` (their attempt runs in ``runs``) from ``name``'s champion in one update.
+
+    ``raise_invalid``: a request that fails validation raises (the one-request flow) instead of
+    failing alone (batches)."""
     started = time.perf_counter()
     client = MlflowClient()
     reference = reference_for_champion(settings, name)  # the data the champion was registered and scored with
@@ -52,7 +55,7 @@ def update_flow(requests: list[ErasureRequest], runs: dict[str, str], settings: 
             ledger.set_status(client, run_id, "validated")
         except Exception as exc:
             outcomes.append(fail_request(client, run_id, request.request_id, exc))
-            if len(requests) == 1:
+            if raise_invalid:
                 raise
     valid = [r for r in requests if r.request_id in data]
     if not valid:

@@ -21,6 +21,7 @@ from prefect.transactions import get_transaction
 
 from tasks import registry
 from tasks.settings import ErasureSettings
+from tasks.retry import only_transient
 from unlearning.methods.base import ForgetTarget
 from unlearning.models import ClipBundle, load_model
 
@@ -54,7 +55,7 @@ def lineage_tags(targets: list[ForgetTarget], request_ids: list[str], parent: st
     return tags
 
 
-@task(name="load-champion", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="load-champion", retries=2, retry_delay_seconds=2, retry_condition_fn=only_transient, cache_policy=NO_CACHE)
 def load_champion(settings: ErasureSettings, model_name: str | None = None, alias: str = "champion", device: str | None = None) -> Champion:
     """Download the version behind ``alias`` and load it (the frozen reference of this erasure)."""
     name = model_name or settings.model_name

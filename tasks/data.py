@@ -16,6 +16,7 @@ from tasks import storage
 from tasks.request import ErasureRequest
 from tasks.settings import ErasureSettings
 from tasks.validation import ValidationReport, cached_validate_request_data
+from tasks.retry import only_transient
 from unlearning.data import Record, read_manifest
 from unlearning.erasure_data import build_unlearning_data, evaluation_records, rows_in, unknown_target
 from unlearning.evaluation import EvalSet, build_eval_set
@@ -74,7 +75,7 @@ def eval_set_of(records: list[Record], image_size: int, heldout_suite: str | Hel
     return build_eval_set(records, image_size, heldout_suite or "auto", seen_captions, cache_dir=cache_dir)
 
 
-@task(name="validate-and-prepare-data", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="validate-and-prepare-data", retries=1, retry_delay_seconds=2, retry_condition_fn=only_transient, cache_policy=NO_CACHE)
 def prepare_data(request: ErasureRequest, settings: ErasureSettings, image_size: int, earlier: list[ForgetTarget]) -> ErasureData:
     """Fetch manifests, validate them with Great Expectations (stop before any training on failure),
     and build the library's inputs: forget/retain/stop sets and the evaluation set.

@@ -42,6 +42,7 @@ from tasks.report import confusion_plot, gate_markdown, metrics_markdown, per_cl
 from tasks.request import ErasureRequest
 from tasks.settings import ErasureSettings
 from tasks.unlearn import Attempt, attempt_method, evaluate_model, plan_methods
+from tasks.retry import only_transient
 from unlearning.erasure_data import build_joint_unlearning_data, evaluation_records, joint_key
 from unlearning.evaluation import EvalSet, Evaluation
 from unlearning.methods import get_method
@@ -351,7 +352,7 @@ def culprits(report: UpdateReport) -> list[str]:
 
 # ── register, promote or reject, publish ─────────────────────────────────────────────────────────
 
-@task(name="register-candidate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="register-candidate", retries=2, retry_delay_seconds=2, retry_condition_fn=only_transient, cache_policy=NO_CACHE)
 def register_update(settings: ErasureSettings, name: str, plan: UpdatePlan, unlearned: Unlearned, champion: Champion,
                     report: UpdateReport) -> str:
     """Register the candidate (not promoted). Idempotent: a retry finds the version an earlier try

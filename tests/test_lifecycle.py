@@ -165,3 +165,16 @@ def test_a_batch_promotes_the_valid_requests_in_one_version_and_isolates_the_res
 
     again = batch_flow()  # nothing pending: the failed-validation request waits for a corrected resubmission
     assert again.requests == [] and again.updates == []
+
+
+def test_erasure_batch_cli_fails_a_bad_request_alone_and_reports_it(file_locks, tmp_path, capsys):
+    from flows.cli import main
+
+    bad = tmp_path / "dragon.json"
+    bad.write_text(json.dumps(request("cli-dragon", "dragon")))
+    assert main(["batch", str(bad), "--report", str(tmp_path / "batch.json")]) == 2
+    report = json.loads((tmp_path / "batch.json").read_text())
+    assert [(o["request_id"], o["status"]) for o in report["requests"]] == [("cli-dragon", "failed")]
+    assert "dragon" in report["requests"][0]["reason"] and report["updates"] == []
+    assert "cli-dragon" in capsys.readouterr().out
+    assert len(registry.list_versions(file_locks.model_name)) == 1  # nothing registered
