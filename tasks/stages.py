@@ -19,7 +19,6 @@ import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -35,7 +34,7 @@ from prefect.utilities.annotations import quote
 from pydantic import ValidationError
 
 from tasks import ledger, locks, registry
-from tasks.champion import Champion, lineage_tags, load_champion
+from tasks.champion import Champion, lineage_tags
 from tasks.data import ErasureData, cache_folder, eval_set_of, prepare_data
 from tasks.outcome import GateResult, RequestOutcome, Timings, UpdateReport, certificate_of
 from tasks.report import confusion_plot, gate_markdown, metrics_markdown, per_class_plot, plt, write_certificate
@@ -86,10 +85,6 @@ def flow_run_id() -> str:
 
 def _metric_name(key: str) -> str:
     return key.replace("@", "_at_")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # ── admit ────────────────────────────────────────────────────────────────────────────────────────
