@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 
 from flows.erasure import as_request
 from flows.update import update_flow
-from tasks import ledger, locks, registry
+from tasks import ledger, locks, registry, shutdown
 from tasks.outcome import BatchReport, RequestOutcome
 from tasks.registry import configure_mlflow
 from tasks.request import ErasureRequest, RequestError
@@ -38,6 +38,7 @@ def batch_flow(model_name: str | None = None, settings: ErasureSettings | None =
     """
     started = time.perf_counter()
     settings = settings or get_settings()
+    shutdown.install()  # a stop signal never cuts a promotion in half
     experiment_id = configure_mlflow(settings)
     client = MlflowClient()
     name = model_name or settings.model_name

@@ -180,36 +180,58 @@ def cmd_status(args) -> int:
 
 def cmd_submit(args) -> int:
     """File a request in the ledger as ``received`` without running it."""
-    from mlflow import MlflowClient
-
-    from tasks import ledger
-    from tasks.locks import exclusive
-    from tasks.registry import configure_mlflow
+    from tasks import intake, ledger
     from tasks.request import load_request
 
     request = load_request(args.request)
-    settings = _settings()
-    experiment_id = configure_mlflow(settings)
-    client = MlflowClient()
     try:
-        state = ledger.find(client, settings.experiment, request.request_id, warning_days=settings.deadline_warning_days)
-        filed = False
-        if state is None:  # only a first filing can race another one: take the request's lock for it
-            with exclusive(f"request:{request.request_id}", settings, timeout_s=60):
-                state = ledger.find(client, settings.experiment, request.request_id, warning_days=settings.deadline_warning_days)
-                filed = state is None
-                if filed:
-                    state = ledger.file_request(client, experiment_id, request, request.model or settings.model_name,
-                                                deadline_days=settings.deadline_days)
-        ledger.check_resubmission(state, request)
+        filed = intake.submit(request, _settings())
     except ledger.RequestConflict as exc:
         print(f"erasure submit: conflict: {exc}", file=sys.stderr)
         return 2
+    state = filed.state
     due = f"due {state.due_at[:10]} ({state.days_left:.0f} days left)" if state.due_at else "no due date recorded"
-    if filed:
+    if filed.filed:
         _console().print(f"filed {request.request_id} as received; {due}")
     else:
         _console().print(f"{request.request_id} is already in the ledger: {state.status} after {len(state.attempts)} attempt(s); {due}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Run the service on this host until Ctrl-C / SIGTERM (infra/serve.py)."""
+    from infra.serve import ServeOptions, serve
+
+    return serve(_settings(), ServeOptions(inbox=args.inbox, batch_cron=args.batch_cron, guard_cron=args.guard_cron,
+                                           prefect_port=args.port, bridge=not args.no_bridge))
+
+
+def cmd_bridge(args) -> int:
+    """The S3 deletion bridge alone (tasks/bridge.py)."""
+    import threading
+
+    from tasks import bridge
+
+    settings, config = _settings(), bridge.load_bridge_settings()
+    if not config.queue_url:
+        print("erasure bridge: error: set ERASURE_BRIDGE_QUEUE_URL (and ERASURE_BRIDGE_BUCKET, ERASURE_BRIDGE_MANIFEST)", file=sys.stderr)
+        return 2
+    if args.once:
+        results = [*bridge.poll(settings, config), *bridge.reconcile(settings, config)]
+        for result in results:
+            _console().print(result)
+        return 0
+    bridge.run(settings, config, threading.Event())
+    return 0
+
+
+def cmd_inbox(args) -> int:
+    """One pass over an inbox: file new requests, move finished and bad ones."""
+    from tasks import inbox
+
+    for item in inbox.scan(_settings(), args.location):
+        _console().print(f"{item.name}: {item.outcome}" + (f" ({item.reason})" if item.reason else "")
+                         + (f" -> {item.moved_to}" if item.moved_to else ""))
     return 0
 
 
@@ -433,6 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--max", type=int, help="at most this many requests, the most urgent first (default: ERASURE_BATCH_MAX_REQUESTS)")
     batch.add_argument("--report", help="write the batch report JSON here")
     batch.set_defaults(fn=cmd_batch)
+    serve = sub.add_parser("serve", help="run the service: scheduled and event-triggered batches, guard, purge, inbox, deletion bridge")
+    serve.add_argument("--inbox", help="folder or s3://bucket/prefix/ of request files (default: ERASURE_HOME/inbox)")
+    serve.add_argument("--batch-cron", help="batch schedule, cron in UTC (default: ERASURE_BATCH_CRON or hourly)")
+    serve.add_argument("--guard-cron", help="guard schedule, cron in UTC (default: ERASURE_GUARD_CRON or hourly at :30)")
+    serve.add_argument("--port", type=int, default=4200, help="port of the local Prefect server when PREFECT_API_URL is unset")
+    serve.add_argument("--no-bridge", action="store_true", help="do not run the deletion bridge even if ERASURE_BRIDGE_QUEUE_URL is set")
+    serve.set_defaults(fn=cmd_serve)
+    bridge = sub.add_parser("bridge", help="turn S3 deletion notifications (via SQS) into erasure requests (ERASURE_BRIDGE_* settings)")
+    bridge.add_argument("--once", action="store_true", help="one poll and one reconciliation, then exit")
+    bridge.set_defaults(fn=cmd_bridge)
+    inbox = sub.add_parser("inbox", help="file the request files of an inbox once (erasure serve watches it continuously)")
+    inbox.add_argument("location", nargs="?", help="folder or s3://bucket/prefix/ (default: ERASURE_HOME/inbox)")
+    inbox.set_defaults(fn=cmd_inbox)
     demo = sub.add_parser("demo", help="bootstrap if needed and erase one shape end to end")
     demo.add_argument("--target", help="shape to erase (default: the first one not erased yet)")
     demo.add_argument("--method", default="auto")

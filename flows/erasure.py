@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from prefect import flow
 
 from flows.update import update_flow
-from tasks import ledger
+from tasks import ledger, shutdown
 from tasks.outcome import ErasureReport
 from tasks.registry import configure_mlflow
 from tasks.request import ErasureRequest, load_request
@@ -38,6 +38,7 @@ def erasure_flow(request: ErasureRequest | dict | str, settings: ErasureSettings
     """Carry out one erasure request exactly once and return its report (also logged to MLflow)."""
     started = time.perf_counter()
     settings = settings or get_settings()
+    shutdown.install()  # a stop signal never cuts a promotion in half
     request = as_request(request)
     experiment_id = configure_mlflow(settings)
     client = MlflowClient()

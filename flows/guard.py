@@ -15,6 +15,7 @@ from prefect.events import emit_event
 from tasks.champion import load_champion, rollback_champion
 from tasks.data import reference_eval_set
 from tasks.registry import VersionPurged, configure_mlflow
+from tasks.report import metric_name
 from tasks.settings import ErasureSettings, get_settings
 from tasks.unlearn import evaluate_model
 
@@ -36,7 +37,7 @@ def guard_flow(model_name: str | None = None, settings: ErasureSettings | None =
                                                                      "erasure.heldout_suite": eval_set.heldout.name}):
         evaluation = evaluate_model(champion.bundle, eval_set, champion.targets)
         metrics = evaluation.metrics
-        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})
+        mlflow.log_metrics({metric_name(k): v for k, v in metrics.items()})
         failures = []
         if metrics.get("retain_accuracy", 0.0) < settings.min_retain_accuracy:
             failures.append(f"retain accuracy {metrics.get('retain_accuracy', float('nan')):.4f} < {settings.min_retain_accuracy}")

@@ -21,13 +21,13 @@ from prefect import flow
 from prefect.transactions import transaction
 from prefect.utilities.annotations import quote
 
-from tasks import ledger
+from tasks import ledger, shutdown
 from tasks.champion import load_champion
 from tasks.outcome import RequestOutcome, Timings, UpdateReport
 from tasks.register import record_reference_choice, reference_for_champion
 from tasks.request import ErasureRequest
 from tasks.settings import ErasureSettings
-from tasks.stages import (decide_gates, evaluate_before, fail_request, mark_rejected, plan_update, promote_update, publish,
+from tasks.stages import (decide_gates, delete_sources, evaluate_before, fail_request, mark_rejected, plan_update, promote_update, publish,
                           register_update, unlearn_update, validate_request)
 
 
@@ -92,10 +92,11 @@ def update_flow(requests: list[ErasureRequest], runs: dict[str, str], settings: 
                 return report.model_copy(update={"decision": "dry_run", "reason": reason}), [*outcomes, outcome]
             if report.gates_passed:
                 report.model_version = register_update(settings, name, quote(plan), unlearned, champion, report)
-                with transaction():
+                with shutdown.critical("the promotion"), transaction():
                     promote_update(settings, name, report)
                     # Anything failing from here on (certificates, ledger) puts the aliases back.
                     outcomes += publish(settings, name, report, valid, runs, "promoted")
+                delete_sources(settings, valid, runs)
                 return report.model_copy(update={"decision": "promoted"}), outcomes
             if single:
                 report.model_version = register_update(settings, name, quote(plan), unlearned, champion, report)
@@ -105,7 +106,7 @@ def update_flow(requests: list[ErasureRequest], runs: dict[str, str], settings: 
             # A batch that fails is not registered: the batch flow splits it to find the culprit.
             mlflow.set_tag("erasure.decision", "split")
             return report.model_copy(update={"decision": "split", "reason": f"failed gates: {', '.join(report.failed_gates)}"}), outcomes
-    except Exception as exc:
+    except BaseException as exc:  # a stop signal too (SystemExit): the attempt is recorded failed, retryable
         for request in valid:
             fail_request(client, runs[request.request_id], request.request_id, exc)
         raise

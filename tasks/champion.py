@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.transactions import get_transaction
 
-from tasks import registry
+from tasks import events, registry
 from tasks.settings import ErasureSettings
 from tasks.retry import only_transient
 from unlearning.methods.base import ForgetTarget
@@ -172,7 +172,7 @@ def rollback_champion(settings: ErasureSettings, name: str, to_version: str | No
             ledger.set_status(client, entry.run_id, "pending",
                               reason=f"model v{current.version} rolled back to v{restored.version}: {reason}")
     event = {"rolled_back": str(current.version), "champion": str(restored.version), "reason": reason, "reopened_requests": reopened}
-    emit_event("clip-erasure.champion.rolled-back", resource={"prefect.resource.id": f"clip-erasure.model.{name}"}, payload=event)
+    events.notify_serving(events.CHAMPION_ROLLED_BACK, name, str(restored.version), reopened, extra=event)
     get_run_logger().warning("rolled %s back from v%s to v%s (%s); requests back to pending: %s", name, current.version,
                              restored.version, reason, reopened or "none")
     return event

@@ -40,6 +40,7 @@ RERUNNABLE = ("received", "failed", "pending")  # may (re)run; "received" = file
 IN_PROGRESS = ("received", "validated", "running")  # an attempt that may hold a lease
 LEASED = ("validated", "running")  # set_status starts a lease for these when none is live
 
+ORIGIN_OBJECTS = "erasure.origin_objects"  # identities of the data-lake objects a deletion request erases
 KIND, REQUEST_ID, REQUEST_HASH, ATTEMPT = "erasure.kind", "erasure.request_id", "erasure.request_hash", "erasure.attempt"
 STATUS, REASON, HISTORY = "erasure.status", "erasure.reason", "erasure.history"
 MODEL_VERSION, MODEL_NAME, UPDATED = "erasure.model_version", "erasure.model_name", "erasure.updated"
@@ -236,6 +237,8 @@ def start_attempt(client: MlflowClient, experiment_id: str, request: "ErasureReq
     tags = {KIND: "request", REQUEST_ID: request.request_id, REQUEST_HASH: request.content_hash(), ATTEMPT: number,
             MODEL_NAME: model_name, "erasure.requester": request.requester, REQUESTED_AT: _iso(request.requested_at),
             DUE_AT: _iso(request.due(deadline_days))}
+    if request.origin is not None:  # lets the deletion bridge see which lake objects are already filed
+        tags[ORIGIN_OBJECTS] = ",".join(o.identity for o in request.origin.objects)[:4900]
     if run_id is None:
         run_id = client.create_run(experiment_id, run_name=request.request_id, tags=tags).info.run_id
     else:

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks import ledger, registry, storage
 from tasks.champion import HELDOUT_SUITE, PARENT, carried, lineage_tags
 from tasks.data import eval_set_of, file_hash
-from tasks.report import confusion_plot, per_class_plot
+from tasks.report import confusion_plot, metric_name, per_class_plot
 from tasks.settings import ErasureSettings
 from tasks.validation import ValidationReport, validate_manifest_file
 from unlearning.data import Record, read_manifest
@@ -197,7 +197,7 @@ def register_baseline(settings: ErasureSettings, name: str, model_ref: str, bund
                            "image_size": bundle.image_size, "device": str(bundle.model.logit_scale.device),
                            "reference_manifest": str(reference.path), "manifest.reference": reference.sha,
                            "test_images": len(reference.test), "classes": len(evaluation.per_class), "heldout_suite": baseline.heldout.label})
-        mlflow.log_metrics({"accuracy": accuracy, **{k.replace("@", "_at_"): v for k, v in evaluation.metrics.items()}})
+        mlflow.log_metrics({"accuracy": accuracy, **{metric_name(k): v for k, v in evaluation.metrics.items()}})
         mlflow.log_dict({"per_class": evaluation.per_class, "metrics": evaluation.metrics, "accuracy": accuracy,
                          "heldout_suite": baseline.heldout.as_dict()}, "evaluation.json")
         mlflow.log_dict(reference.report.to_dict(), "validation/gx_report.json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+
+def metric_name(key: str) -> str:
+    """An MLflow-legal metric name: "@" spelled out, other characters MLflow refuses (an
+    association's "caption|caption" name) as "_"."""
+    return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_"))
 
 
 def image_grid(images: torch.Tensor, columns: int = 8, scale: int = 3) -> Image.Image:

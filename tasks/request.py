@@ -20,7 +20,7 @@ import re
 import typing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated, Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 from pydantic import (
     AfterValidator,
@@ -113,6 +113,33 @@ HeldoutSuiteRef = Annotated[
 ]
 
 
+class SourceObject(BaseModel):
+    """An object in the owner's data lake that held an image to forget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: NonEmptyStr
+    key: NonEmptyStr
+    version_id: str | None = Field(default=None, description=(
+        "The object version that still holds the image (versioned buckets): deleted for good once the erasure is promoted."))
+
+    @property
+    def identity(self) -> str:
+        """A short stable id of this object version, for ledger tags."""
+        text = f"{self.bucket}/{self.key}@{self.version_id or ''}"
+        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+class RequestOrigin(BaseModel):
+    """Where a request came from when a system filed it, e.g. deletions in a data lake."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["deletion"] = "deletion"
+    objects: list[SourceObject] = Field(min_length=1, description="The deleted objects this request erases.")
+    note: str = Field(default="", description="How the forget data was obtained (e.g. previous versions, or a synthetic set).")
+
+
 class ErasureRequest(BaseModel):
     """One erasure request, as submitted; ``content_hash()`` identifies it for idempotency."""
 
@@ -150,6 +177,7 @@ class ErasureRequest(BaseModel):
     extension_days: int = Field(default=0, ge=0, le=60, description=(
         "Days added to the due date (0-60: GDPR art. 12(3) allows two more months for complex requests); needs extension_reason."))
     extension_reason: NonEmptyStr | None = Field(default=None, description="Why the deadline was extended, for the audit trail.")
+    origin: RequestOrigin | None = Field(default=None, description="Set by the deletion bridge: the data-lake objects behind this request.")
 
     @field_validator("method")
     @classmethod

@@ -33,11 +33,11 @@ from prefect.events import emit_event
 from prefect.utilities.annotations import quote
 from pydantic import ValidationError
 
-from tasks import ledger, locks, registry
+from tasks import events, ledger, locks, registry
 from tasks.champion import Champion, lineage_tags
 from tasks.data import ErasureData, cache_folder, eval_set_of, prepare_data
 from tasks.outcome import GateResult, RequestOutcome, Timings, UpdateReport, certificate_of
-from tasks.report import confusion_plot, gate_markdown, metrics_markdown, per_class_plot, plt, write_certificate
+from tasks.report import metric_name, confusion_plot, gate_markdown, metrics_markdown, per_class_plot, plt, write_certificate
 from tasks.request import ErasureRequest
 from tasks.settings import ErasureSettings
 from tasks.unlearn import Attempt, attempt_method, evaluate_model, plan_methods
@@ -81,10 +81,6 @@ def flow_run_id() -> str:
         return str(get_run_context().flow_run.id)
     except Exception:  # outside a flow run (unit tests of helpers)
         return ""
-
-
-def _metric_name(key: str) -> str:
-    return key.replace("@", "_at_")
 
 
 # ── admit ────────────────────────────────────────────────────────────────────────────────────────
@@ -257,7 +253,7 @@ def _plan_of(request: ErasureRequest, target: ForgetTarget, unlearning: Unlearni
 def evaluate_before(champion: Champion, plan: UpdatePlan) -> Evaluation:
     """The champion on every target of the update (earlier ones included), logged as ``before.*``."""
     before = evaluate_model.fn(champion.bundle, plan.eval_set, plan.all_targets)
-    mlflow.log_metrics({f"before.{_metric_name(k)}": v for k, v in before.metrics.items()})
+    mlflow.log_metrics({f"before.{metric_name(k)}": v for k, v in before.metrics.items()})
     figure = confusion_plot(before.confusions["class"].confusion, before.confusions["class"].classnames,
                             f"champion v{champion.version} before the erasure")
     mlflow.log_figure(figure, "plots/confusion_before.png")
@@ -315,7 +311,7 @@ def decide_gates(plan: UpdatePlan, unlearned: Unlearned, before: Evaluation, cha
     best = unlearned.best
     gates = [GateResult(**g.as_dict()) for g in best.gates]
     passed = all(g.passed for g in gates)
-    mlflow.log_metrics({f"after.{_metric_name(k)}": v for k, v in best.after.metrics.items()})
+    mlflow.log_metrics({f"after.{metric_name(k)}": v for k, v in best.after.metrics.items()})
     names = [t.name for t in plan.all_targets]
     figure = per_class_plot(before.per_class, best.after.per_class, names,
                             f"{', '.join(plan.request_ids)[:80]}: zero-shot accuracy per class ({unlearned.method})")
@@ -438,8 +434,9 @@ def publish(settings: ErasureSettings, name: str, report: UpdateReport, requests
         outcomes.append(RequestOutcome(request_id=request.request_id, status=status, reason=reason, model_version=report.model_version,
                                        mlflow_run_id=run_id))
     if decision == "promoted":
-        emit_event("clip-erasure.champion.promoted", resource={"prefect.resource.id": f"clip-erasure.model.{name}"},
-                   payload={"version": report.model_version, "request_ids": report.request_ids})
+        confirmed = events.notify_serving(events.CHAMPION_PROMOTED, name, report.model_version, report.request_ids)
+        if confirmed:
+            client.set_tag(report.mlflow_run_id, "erasure.serving_notified_at", confirmed)
     get_run_logger().info("%s: %s", decision, note)
     return outcomes
 
@@ -451,3 +448,19 @@ def fail_request(client: MlflowClient, run_id: str, request_id: str, exc: BaseEx
     reason = f"{type(exc).__name__}: {exc}"[:500]
     ledger.set_status(client, run_id, "failed", reason=reason, **{RETRYABLE: str(retryable).lower()})
     return RequestOutcome(request_id=request_id, status="failed", reason=reason, mlflow_run_id=run_id)
+
+
+@task(name="delete-source-versions", cache_policy=NO_CACHE)
+def delete_sources(settings: ErasureSettings, requests: list[ErasureRequest], runs: dict[str, str]) -> None:
+    """After a promotion: delete for good the data-lake object versions a deletion request was made
+    from (the bridge read them as forget data), and record what went on each request's certificate."""
+    sourced = [r for r in requests if r.origin is not None]
+    if not sourced:
+        return
+    from tasks.bridge import delete_source_versions
+
+    client = MlflowClient()
+    for request in sourced:
+        deleted = delete_source_versions(request, settings)
+        client.log_dict(runs[request.request_id], {"request_id": request.request_id, "deleted": deleted, "note": request.origin.note},
+                        "certificate/source-versions-deleted.json")

@@ -16,7 +16,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.report import confusion_plot, history_plot, image_grid, plt
+from tasks.report import confusion_plot, history_plot, image_grid, metric_name, plt
 from unlearning.evaluation import EvalSet, Evaluation, Gate, check_gates, evaluate
 from unlearning.methods import METHODS, get_method, run_method, unmet_needs
 from unlearning.methods.base import ForgetTarget, UnlearningData
@@ -182,7 +182,7 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
         after = evaluate(candidate.model, candidate.tokenizer, eval_set, all_targets, members=members)
         evaluate_seconds = time.perf_counter() - evaluated
         gates = check_gates(before.metrics, after.metrics, **thresholds)
-        mlflow.log_metrics({f"after.{k.replace('@', '_at_')}": v for k, v in after.metrics.items()})
+        mlflow.log_metrics({f"after.{metric_name(k)}": v for k, v in after.metrics.items()})
         mlflow.log_metric("unlearn_seconds", seconds)
         mlflow.log_dict({"summary": result.summary, "gates": [g.as_dict() for g in gates]}, "attempt.json")
         keys = [k for k in ("loss", "forget_accuracy", "retain_accuracy", "synthetic_forget_acc") if any(k in r for r in result.history)]

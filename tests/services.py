@@ -10,6 +10,8 @@ server that cannot start fails its tests with the reason and the tail of its log
 - ``mlflow_server`` (module): a real ``mlflow server`` over HTTP; ``mlflow_server_store`` gives
   one test settings that point at it.
 - ``prefect_harness`` (session, opt-in): Prefect's temporary test server.
+- ``moto_server`` (session): moto's server, S3 and SQS in one process (S3 bucket notifications
+  reach its queues); ``moto_env`` points one test's AWS and ``ERASURE_S3_*`` variables at it.
 """
 
 from __future__ import annotations
@@ -181,6 +183,83 @@ def prefect_harness():
     # Startup takes ~10 s on a quiet 2-core machine; the default 30 s timeout is flaky under load.
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@dataclass
+class MotoServer:
+    """A running ``moto_server`` (S3 and SQS on one endpoint) and the fake credentials it takes."""
+
+    endpoint_url: str
+    access_key: str = "testing"
+    secret_key: str = "testing"
+    region: str = "us-east-1"
+
+    def _client(self, service: str):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            service, endpoint_url=self.endpoint_url, region_name=self.region,
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=2),
+        )
+
+    @cached_property
+    def s3(self):
+        """A boto3 S3 client of this server, independent of the code under test."""
+        return self._client("s3")
+
+    @cached_property
+    def sqs(self):
+        """A boto3 SQS client of this server, independent of the code under test."""
+        return self._client("sqs")
+
+    def create_bucket(self, name: str | None = None, versioned: bool = False) -> str:
+        """Create a bucket (a fresh random name by default), optionally versioned, and return its name."""
+        name = name or f"test-{secrets.token_hex(4)}"
+        self.s3.create_bucket(Bucket=name)
+        if versioned:
+            self.s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+        return name
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory) -> MotoServer:
+    """moto's server on a free loopback port; its state lasts the session, so tests use fresh names."""
+    moto = BIN / "moto_server" if (BIN / "moto_server").exists() else shutil.which("moto_server")
+    if not moto:
+        pytest.fail("`moto_server` not found next to python or on PATH: install the test extras "
+                    "(pip install -e '.[test]', package moto[server])", pytrace=False)
+    root = tmp_path_factory.mktemp("moto")
+    (port,) = _free_ports(1)
+    server = MotoServer(f"http://127.0.0.1:{port}")
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
+    process, log = _start([str(moto), "-H", "127.0.0.1", "-p", str(port)], env, root / "moto.log")
+    try:
+        _wait_until(lambda: server.s3.list_buckets() and server.sqs.list_queues(), process, log, "moto_server", timeout=60)
+        yield server
+    finally:
+        _stop(process)
+
+
+@pytest.fixture
+def moto_env(moto_server, monkeypatch, tmp_path) -> MotoServer:
+    """Point this test's AWS credential chain and ``ERASURE_S3_ENDPOINT_URL`` at ``moto_server``."""
+    from tasks.settings import get_settings
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SQS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", moto_server.region)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("ERASURE_S3_ENDPOINT_URL", moto_server.endpoint_url)
+    monkeypatch.setenv("ERASURE_S3_REGION", moto_server.region)
+    get_settings.cache_clear()
+    yield moto_server
+    get_settings.cache_clear()
 
 
 @contextmanager

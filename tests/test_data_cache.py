@@ -3,6 +3,7 @@ to an image's bytes or to a manifest is seen, and a broken cache file is recompu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,8 @@ from tasks.data import cache_folder, prepare_data
 from tasks.request import ErasureRequest
 from tasks.validation import DataValidationError, cached_validate_request_data
 from unlearning.data import Record, load_images, read_manifest, write_manifest
-from unlearning.image_cache import ImageCache, cached_load_images
+from unlearning.erasure_data import _spread
+from unlearning.image_cache import COMPACT_AT, ImageCache, cached_load_images, cached_read_manifest
 from unlearning.target import ForgetTarget
 
 CIRCLE = ForgetTarget(kind="class", class_name="circle")
@@ -53,57 +55,114 @@ def smallest_and_largest(records: list[Record]) -> tuple[Record, Record]:
     return by_size[0], by_size[-1]
 
 
-def test_image_cache_hits_on_unchanged_bytes_and_misses_on_changed_ones(small_records, tmp_path):
+def shards_in(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def test_image_cache_hits_any_subset_of_decoded_bytes_and_misses_changed_ones(small_records, tmp_path):
     records = copied_images(small_records["test"][:24], tmp_path / "data")
     cache = ImageCache(tmp_path / "cache")
     first = cache.load(records, 32)
-    assert (cache.hits, cache.misses) == (0, 1)
-    again = cache.load(records, 32)
-    assert (cache.hits, cache.misses) == (1, 1) and cache.outcome == "partial"
-    assert again.dtype == torch.uint8 and torch.equal(again, first) and torch.equal(first, load_images(records, 32))
-    # another size or order is another tensor
-    assert not torch.equal(cache.load(records[::-1], 32), first) and cache.misses == 2
-    assert cache.load(records, 16).shape[-1] == 16 and cache.misses == 3
+    assert (cache.hits, cache.misses, cache.outcome) == (0, 24, "miss")
+    assert first.dtype == torch.uint8 and torch.equal(first, load_images(records, 32))
+    # a subset in another order, with a repeat, listed under other paths: every image is a hit
+    elsewhere = copied_images(records[3:9], tmp_path / "elsewhere")
+    subset = [records[20], *elsewhere[::-1], records[20]]
+    fresh = ImageCache(tmp_path / "cache")  # another process: only the files carry over
+    assert torch.equal(fresh.load(subset, 32), load_images(subset, 32)) and (fresh.hits, fresh.misses, fresh.outcome) == (8, 0, "hit")
+    assert len(shards_in(tmp_path / "cache")) == 1, "a hit writes nothing"
+    assert fresh.load(records[:4], 16).shape[-1] == 16 and fresh.misses == 4, "another size is another image"
 
     small, large = smallest_and_largest(records)
     rewrite_keeping_stat(large.image_path, small.image_path)
-    changed = cache.load(records, 32)
-    assert cache.misses == 4, "a rewritten image with its size and mtime restored must not hit"
-    assert torch.equal(changed, load_images(records, 32)) and not torch.equal(changed, first)
-    position = records.index(large)
-    assert torch.equal(changed[position], changed[records.index(small)])
+    changed = ImageCache(tmp_path / "cache")
+    pixels = changed.load(records, 32)
+    assert (changed.hits, changed.misses) == (23, 1), "a rewritten image with its size and mtime restored must not hit"
+    assert torch.equal(pixels, load_images(records, 32)) and not torch.equal(pixels, first)
+    assert torch.equal(pixels[records.index(large)], pixels[records.index(small)])
 
 
-def test_a_corrupt_or_truncated_cache_file_is_recomputed(small_records, tmp_path):
+def test_a_corrupt_or_truncated_shard_is_recomputed(small_records, tmp_path):
     records = small_records["val"][:16]
-    cache = ImageCache(tmp_path / "cache")
-    expected = cache.load(records, 32)
-    (stored,) = (tmp_path / "cache").glob("*.safetensors")
+    expected = ImageCache(tmp_path / "cache").load(records, 32)
     for damage in (lambda data: data[: len(data) // 2], lambda data: b"\xff" * len(data), lambda data: b""):
-        stored.write_bytes(damage(stored.read_bytes()) if stored.stat().st_size else b"junk")
-        misses = cache.misses
-        assert torch.equal(cache.load(records, 32), expected) and cache.misses == misses + 1
-        assert torch.equal(cache.load(records, 32), expected) and cache.misses == misses + 1, "rewritten whole"
+        (stored,) = shards_in(tmp_path / "cache")
+        stored.write_bytes(damage(stored.read_bytes()))
+        cache = ImageCache(tmp_path / "cache")
+        assert torch.equal(cache.load(records, 32), expected) and cache.misses == 16
+        assert not stored.exists(), "the damaged shard is deleted"
+        again = ImageCache(tmp_path / "cache")
+        assert torch.equal(again.load(records, 32), expected) and again.outcome == "hit", "rewritten whole"
     assert not list((tmp_path / "cache").glob("*.tmp")), "no temporary file left behind"
 
 
-def test_the_cache_keeps_only_the_most_recently_used_files(small_records, tmp_path):
+def test_the_cache_keeps_only_the_most_recently_used_shards(small_records, tmp_path):
     cache = ImageCache(tmp_path / "cache", max_files=2)
     sets = [small_records["test"][i * 4:(i + 1) * 4] for i in range(3)]
     cache.load(sets[0], 32)
     time.sleep(0.02)
     cache.load(sets[1], 32)
     time.sleep(0.02)
-    cache.load(sets[0], 32)  # a hit: now the most recently used
+    ImageCache(tmp_path / "cache", max_files=2).load(sets[0], 32)  # a hit: now the most recently used
     time.sleep(0.02)
     cache.load(sets[2], 32)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
-    hits = cache.hits
-    cache.load(sets[0], 32)
-    assert cache.hits == hits + 1, "the recently used set survived"
-    cache.load(sets[1], 32)
-    assert cache.hits == hits + 1, "the least recently used set was pruned"
+    assert len(shards_in(tmp_path / "cache")) == 2
+    survivor, pruned = ImageCache(tmp_path / "cache"), ImageCache(tmp_path / "cache")
+    survivor.load(sets[0], 32)
+    assert survivor.outcome == "hit", "the recently used shard survived"
+    pruned.load(sets[1], 32)
+    assert pruned.outcome == "miss", "the least recently used shard was pruned"
     assert torch.equal(cached_load_images(sets[1], 32, None), load_images(sets[1], 32))
+
+
+def test_many_small_shards_are_merged_and_still_hit(small_records, tmp_path):
+    records = small_records["test"][:2 * (COMPACT_AT + 1)]
+    for start in range(0, len(records), 2):  # one shard per load, as each request's misses make
+        ImageCache(tmp_path / "cache").load(records[start:start + 2], 32)
+    assert len(shards_in(tmp_path / "cache")) < COMPACT_AT
+    cache = ImageCache(tmp_path / "cache")
+    assert torch.equal(cache.load(records[::-1], 32), load_images(records[::-1], 32)) and cache.outcome == "hit"
+
+
+def test_a_parsed_manifest_is_reused_until_its_bytes_or_folder_change(small_records, tmp_path):
+    rows = [*small_records["val"][:20], Record("images/extra.png", "circle", "a circle", "val", {"colour": "red"}),
+            Record("images/bare.png", "square", "a square", "")]
+    manifest = write_manifest(rows, tmp_path / "data" / "manifest.jsonl")
+    folder = tmp_path / "cache"
+
+    def read(path=manifest):
+        records, sha256, outcome = cached_read_manifest(path, folder)
+        assert sha256 == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return [(r.image_path, r.label, r.caption, r.split, r.attributes) for r in records], outcome
+
+    def parsed(path=manifest):
+        return [(r.image_path, r.label, r.caption, r.split, r.attributes) for r in read_manifest(path)]
+
+    assert read() == (parsed(), "miss")
+    assert read() == (parsed(), "hit"), "the same records, attributes of every kind of row included"
+    write_manifest([*rows[:5], Record(rows[5].image_path, "square", rows[5].caption, rows[5].split, rows[5].attributes), *rows[6:]], manifest)
+    assert read() == (parsed(), "miss") and read()[0][5][1] == "square", "a changed manifest is parsed again"
+    moved = tmp_path / "moved" / "manifest.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(manifest, moved)
+    assert read(moved) == (parsed(moved), "miss"), "the same bytes in another folder name other images"
+    for stored in folder.glob("manifest-*.json"):
+        stored.write_text('{"key": "garbled"')
+    assert read() == (parsed(), "miss") and read()[1] == "hit"
+
+
+def test_a_sample_keeps_its_rows_when_its_pool_shrinks(small_records):
+    pool = small_records["train"]
+    sample = _spread(pool, 500, seed=3)
+    assert len(sample) == 500 and len({r.image_path for r in sample}) == 500
+    assert {r.image_path for r in sample} != {r.image_path for r in _spread(pool, 500, seed=4)}, "the seed picks the sample"
+    smaller = [r for r in pool if r.label != "circle"]
+    kept = {r.image_path for r in sample if r.label != "circle"}
+    assert kept <= {r.image_path for r in _spread(smaller, 500, seed=3)}, "rows still in the pool stay sampled"
+    assert len(_spread(pool[:10], 500, seed=3)) == 10
+    moved = [Record("/elsewhere/" + "/".join(r.image_path.rsplit("/", 2)[-2:]), r.label, r.caption, r.split, r.attributes) for r in pool]
+    tails = [r.image_path.rsplit("/", 2)[-2:] for r in sample]
+    assert [r.image_path.rsplit("/", 2)[-2:] for r in _spread(moved, 500, seed=3)] == tails, "the same data elsewhere: the same sample"
 
 
 def test_a_cached_validation_failure_fails_the_same_way_and_a_change_revalidates(small_records, tmp_path):
@@ -177,8 +236,9 @@ def test_a_repeat_prepare_is_a_cache_hit_with_identical_data(settings, small_wor
     first, first_s = prepare()
     again, again_s = prepare()
     print(f"\nprepare_data on the small world ({len(read_manifest(small_world))} rows): first {first_s:.2f} s, repeat {again_s:.2f} s")
-    assert first.summary["cache"] == {"images": "miss", "validation": "miss"}
-    assert again.summary["cache"] == {"images": "hit", "validation": "hit"}
+    # "partial": the forget images are copies of reference val images, decoded once for both sets
+    assert first.summary["cache"] == {"images": "partial", "validation": "miss", "reference_manifest": "miss"}
+    assert again.summary["cache"] == {"images": "hit", "validation": "hit", "reference_manifest": "hit"}
     for name in ("forget", "retain", "forget_val", "retain_val"):
         one, two = getattr(first.unlearning, name), getattr(again.unlearning, name)
         assert (one is None) == (two is None)
@@ -187,7 +247,13 @@ def test_a_repeat_prepare_is_a_cache_hit_with_identical_data(settings, small_wor
     assert torch.equal(first.eval_set.images, again.eval_set.images) and first.validation.success and again.validation.success
     assert list(cache_folder(settings, "images").glob("*.safetensors")) and list(cache_folder(settings, "validation").glob("*.json"))
 
-    # one forget row fewer: the forget images and the validation are new, the rest still hit
+    # one forget row fewer: validated again, but every image was decoded before
     write_manifest([Record(r.image_path, r.label, r.caption, "forget", r.attributes) for r in circles[:5]], manifest)
+    fewer, _ = prepare()
+    assert fewer.summary["cache"] == {"images": "hit", "validation": "miss", "reference_manifest": "hit"} and len(fewer.unlearning.forget) == 5
+    # one forget image rewritten: it alone is decoded again
+    small, large = smallest_and_largest(circles[:5])
+    rewrite_keeping_stat(large.image_path, small.image_path)
     changed, _ = prepare()
-    assert changed.summary["cache"] == {"images": "partial", "validation": "miss"} and len(changed.unlearning.forget) == 5
+    assert changed.summary["cache"] == {"images": "partial", "validation": "miss", "reference_manifest": "hit"}
+    assert torch.equal(changed.unlearning.forget.images, load_images(circles[:5], 32))
