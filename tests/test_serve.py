@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from infra.deployments import YAML_PATH, definitions, prefect_yaml
 from tasks import ledger
-from tests.test_lifecycle import champion_targets, request, versions_of
+from tests.test_lifecycle import QUICK, champion_targets, request, versions_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_inbox_drop_runs_through_the_event_triggered_deployment(store, tmp_path,
 
         inbox = settings.home / "inbox"
         inbox.mkdir(parents=True, exist_ok=True)
-        body = request("serve-square", "square")
+        body = request("serve-square", "square", **QUICK)
         dropped = time.time()
         (inbox / "serve-square.json.part").write_text(json.dumps(body))
         (inbox / "serve-square.json.part").rename(inbox / "serve-square.json")
