@@ -33,6 +33,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _first(history: list[dict], accept) -> float | None:
     row = next((r for r in history if accept(r.get("status"))), None)
     return datetime.fromisoformat(row["at"]).timestamp() if row else None
@@ -81,7 +88,7 @@ def main() -> None:
                 time.sleep(1)
             work_started = _first(state.history, lambda status: status != "received")
             finished = _first(state.history, lambda status: status in ledger.TERMINAL)
-            result = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "target": args.target,
+            result = {"cpu": _cpu_name(), "cores": os.cpu_count(), "target": args.target,
                       "status": state.status, "model_version": state.model_version, "service_start_s": ready - started,
                       "waiting_s": work_started - dropped, "work_s": finished - work_started, "total_s": finished - dropped}
         finally:
