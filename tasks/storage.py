@@ -1,4 +1,4 @@
-"""S3 I/O (the only module that talks boto3): models and manifests in, model folders out.
+"""S3 I/O for models and manifests (tasks/bridge.py adds SQS for the deletion bridge): manifests in, model folders out.
 
 Works with AWS and with S3-compatible servers (SeaweedFS, MinIO, moto) through
 ``ERASURE_S3_ENDPOINT_URL``. Credentials come from the standard AWS chain, never from settings.
