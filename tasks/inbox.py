@@ -35,14 +35,12 @@ from tasks import events, intake, ledger
 from tasks.registry import configure_mlflow
 from tasks.request import ErasureRequest, RequestError, load_request
 from tasks.settings import ErasureSettings
-from tasks.storage import _s3_errors, is_s3, parse_s3_uri, s3_client
+from tasks.storage import is_s3, parse_s3_uri, s3_client, s3_errors
 
 DONE, FAILED = "done", "failed"
 STATE_FILE = "inbox-state.json"
 MAX_REQUEST_BYTES = 1 << 20  # requests are a few hundred bytes; anything this big is not one
 SETTLE_S = 1.0  # a local file younger than this may still be being written: read it next scan
-# The tag tasks.stages.fail_request sets on a failed attempt; not imported, as stages pulls in torch.
-RETRYABLE = "erasure.retryable"
 SOURCE = "inbox"
 
 Outcome = Literal["filed", "known", "done", "failed", "waiting"]
@@ -139,7 +137,7 @@ class _S3Folder:
 
     def entries(self) -> list[_Entry]:
         found = []
-        with _s3_errors(self.location):
+        with s3_errors(self.location):
             # The delimiter keeps done/ and failed/ (and any other sub-prefix) out of the listing.
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix, Delimiter="/")
             for page in pages:
@@ -150,7 +148,7 @@ class _S3Folder:
         return sorted(found, key=lambda e: e.name)
 
     def read(self, name: str) -> bytes:
-        with _s3_errors(self.uri(name)):
+        with s3_errors(self.uri(name)):
             body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"]
             return body.read(MAX_REQUEST_BYTES + 1)
 
@@ -164,18 +162,18 @@ class _S3Folder:
             raise
 
     def write_text(self, path: str, text: str) -> None:
-        with _s3_errors(self.uri(path)):
+        with s3_errors(self.uri(path)):
             self.client.put_object(Bucket=self.bucket, Key=self.prefix + path, Body=text.encode())
 
     def move(self, name: str, path: str) -> None:
         # S3 has no rename: copy, then delete; a crash in between leaves the source for the next scan.
-        with _s3_errors(self.uri(name)):
+        with s3_errors(self.uri(name)):
             self.client.copy_object(Bucket=self.bucket, Key=self.prefix + path,
                                     CopySource={"Bucket": self.bucket, "Key": self.prefix + name})
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
 
     def delete(self, path: str) -> None:
-        with _s3_errors(self.uri(path)):
+        with s3_errors(self.uri(path)):
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + path)
 
     def uri(self, path: str) -> str:
@@ -243,7 +241,7 @@ class Inbox:
         state = filed.state
         if filed.done:
             return self._finish(name, filed)
-        if state.status == "failed" and client.get_run(state.run_id).data.tags.get(RETRYABLE) == "false":
+        if state.status == "failed" and client.get_run(state.run_id).data.tags.get(ledger.RETRYABLE) == "false":
             return self._refuse(name, state.request_id, _one_line(state.reason) or "failed, and only a changed request can succeed",
                                 status="failed")
         return self._wait(name, filed, announced, still_waiting)

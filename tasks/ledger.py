@@ -40,6 +40,7 @@ RERUNNABLE = ("received", "failed", "pending")  # may (re)run; "received" = file
 IN_PROGRESS = ("received", "validated", "running")  # an attempt that may hold a lease
 LEASED = ("validated", "running")  # set_status starts a lease for these when none is live
 
+RETRYABLE = "erasure.retryable"  # on a failed attempt: "false" when only a changed request can succeed
 ORIGIN_OBJECTS = "erasure.origin_objects"  # identities of the data-lake objects a deletion request erases
 KIND, REQUEST_ID, REQUEST_HASH, ATTEMPT = "erasure.kind", "erasure.request_id", "erasure.request_hash", "erasure.attempt"
 STATUS, REASON, HISTORY = "erasure.status", "erasure.reason", "erasure.history"

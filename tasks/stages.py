@@ -50,7 +50,7 @@ from unlearning.models import save_model
 from unlearning.precision import resolve_precision
 
 NOTE = "mlflow.note.content"  # the description MLflow shows first on a run
-RETRYABLE = "erasure.retryable"  # on a failed attempt: "false" when only a changed request can succeed
+RETRYABLE = ledger.RETRYABLE
 
 
 def harmonic_score(metrics: dict[str, float]) -> float:

@@ -267,3 +267,6 @@ def _s3_errors(uri: str) -> Iterator[None]:
         raise PermissionError(f"no AWS credentials to read {uri}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE") from None
     except EndpointConnectionError as error:
         raise ConnectionError(f"cannot reach S3 for {uri} ({error.kwargs.get('endpoint_url')}): check ERASURE_S3_ENDPOINT_URL") from None
+
+
+s3_errors = _s3_errors  # public name for other S3 users (the inbox): boto3 errors as one clear line naming the URI

@@ -15,7 +15,8 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks import inbox, ledger
-from tasks.inbox import RETRYABLE, Inbox
+from tasks.inbox import Inbox
+from tasks.ledger import RETRYABLE
 from tasks.registry import configure_mlflow
 
 REQUESTER = "privacy@example.org"
