@@ -12,7 +12,10 @@
     erasure register MODEL_REF [--name NAME] [--reference-manifest PATH]
                                       bring your own model: score it, register it, make it the champion
     erasure schema                    the request's JSON Schema
-    erasure bench [--out DIR]         every method on the embedded champion
+    erasure oracle CLASS... [--subgroup colour=red] [--joint]
+                                      train the retrain oracles (the champion's recipe without the targets)
+    erasure bench [--out DIR] [--oracle]
+                                      every method on the embedded champion, against the oracles
 
 Exit codes: 0 promoted (or a dry run whose gates passed), 2 rejected by the gates, 1 bad input or failure.
 """
@@ -394,6 +397,44 @@ def _precision_line(settings) -> str:
     return f"training {train.dtype} ({train.reason}); unlearning and evaluation {unlearn.dtype} on {device}"
 
 
+def cmd_oracle(args) -> int:
+    """Train (or find cached) the retrain oracles of the embedded world: the champion's recipe from
+    scratch without each target's images (unlearning/oracle.py)."""
+    import tempfile
+
+    from flows.bootstrap import bootstrap_flow
+    from tasks import registry
+    from tasks.registry import configure_mlflow
+    from unlearning.oracle import TrainingRecipe, read_recipe, train_oracle
+    from unlearning.target import ForgetTarget
+
+    settings = _settings()
+    configure_mlflow(settings)
+    bootstrap_flow()
+    folder = registry.download_version(settings.model_name, "1", Path(tempfile.mkdtemp(prefix="oracle-recipe-")))
+    recipe = read_recipe(folder)
+    if recipe is None:
+        _console().print("version 1 has no training_recipe.json (bootstrapped before recipes were stored): using the bootstrap's defaults")
+        recipe = TrainingRecipe()
+    manifest = settings.reference_manifest or settings.world_dir / "manifest.jsonl"
+    if args.subgroup and "=" not in args.subgroup:
+        _console().print(f"--subgroup: {args.subgroup!r} is not ATTRIBUTE=VALUE — use e.g. --subgroup colour=red")
+        return 1
+    attribute, value = args.subgroup.split("=", 1) if args.subgroup else (None, None)
+    targets = [ForgetTarget(kind="subgroup", class_name=c, attribute=attribute, value=value) if attribute else
+               ForgetTarget(kind="class", class_name=c) for c in args.targets]
+    groups = [targets] if args.joint else [[t] for t in targets]
+    for group in groups:
+        started = time.perf_counter()
+        try:
+            oracle = train_oracle(manifest, group, recipe, settings.oracle_dir, device=settings.device)
+        except ValueError as exc:
+            _console().print(f"[red]{exc}[/red]")
+            return 1
+        _console().print(f"oracle without {', '.join(t.name for t in group)}: {oracle} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     """Benchmark every method on the registered champion (bootstrapped first if needed)."""
     import tempfile
@@ -401,7 +442,7 @@ def cmd_bench(args) -> int:
     from flows.bootstrap import bootstrap_flow
     from tasks import registry
     from tasks.registry import configure_mlflow
-    from tasks.report import bench_plot
+    from tasks.report import bench_plot, depth_bench_plot
     from unlearning.bench import run_bench
 
     settings = _settings()
@@ -411,10 +452,15 @@ def cmd_bench(args) -> int:
     folder = registry.download_version(settings.model_name, "1", Path(tempfile.mkdtemp(prefix="bench-champion-")))
     manifest = settings.reference_manifest or settings.world_dir / "manifest.jsonl"
     out = Path(args.out)
-    result = run_bench(str(folder), str(manifest), out, args.methods, args.seeds, args.classes, args.kinds, device=settings.device)
+    result = run_bench(str(folder), str(manifest), out, args.methods, args.seeds, args.classes, args.kinds, device=settings.device,
+                       oracle_dir=settings.oracle_dir if args.oracle else None, depth=args.depth or None)
     bench_plot(result["summary"]).savefig(out / "bench.png", dpi=120)
+    written = [out / "bench.json", out / "bench.md", out / "bench.png"]
+    for kind in sorted({e["kind"] for e in result["summary"] if e.get("depth/knn")}):
+        depth_bench_plot(result["summary"], kind).savefig(out / f"bench-depth-{kind}.png", dpi=120)
+        written.append(out / f"bench-depth-{kind}.png")
     print((out / "bench.md").read_text())
-    _console().print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    _console().print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 
@@ -472,12 +518,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", help="shape to erase (default: the first one not erased yet)")
     demo.add_argument("--method", default="auto")
     demo.set_defaults(fn=cmd_demo)
+    oracle = sub.add_parser("oracle", help="train the retrain oracles (the champion's recipe without the targets) of the embedded world")
+    oracle.add_argument("targets", nargs="+", help="class names (e.g. circle square)")
+    oracle.add_argument("--subgroup", help="ATTRIBUTE=VALUE: the subgroup of each class instead (e.g. colour=red)")
+    oracle.add_argument("--joint", action="store_true", help="one oracle without all the targets (a champion carrying several)")
+    oracle.set_defaults(fn=cmd_oracle)
     bench = sub.add_parser("bench", help="benchmark every method on the embedded champion")
     bench.add_argument("--out", default="docs/bench")
     bench.add_argument("--methods", nargs="*", help="default: all six")
     bench.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     bench.add_argument("--classes", nargs="*", help="default: every class")
     bench.add_argument("--kinds", nargs="*", default=["class", "subgroup", "association"])
+    bench.add_argument("--oracle", action="store_true", help="train (cached) the retrain oracle of each class and subgroup case and "
+                       "report every method's depth of forgetting against it")
+    bench.add_argument("--depth", action="store_true", help="depth measures without oracles")
     bench.set_defaults(fn=cmd_bench)
     return parser
 

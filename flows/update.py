@@ -1,7 +1,7 @@
 """One model update: the requests given erased from the champion in one candidate, one gate decision.
 
     load champion ─► validate each request ─► plan the update ─► evaluate before ─► unlearn ─►
-    gates ─► register ─► promote (inside a transaction) or reject ─► publish
+    depth of forgetting ─► gates ─► register ─► promote (inside a transaction) or reject ─► publish
 
 The request data and the plan go to tasks ``quote``d: they hold every reference record, and
 Prefect would otherwise walk each of them looking for futures (~2 min per update on 16k rows).
@@ -23,6 +23,7 @@ from prefect.utilities.annotations import quote
 
 from tasks import ledger, shutdown
 from tasks.champion import load_champion
+from tasks.depth import measure_depth
 from tasks.outcome import RequestOutcome, Timings, UpdateReport
 from tasks.register import record_reference_choice, reference_for_champion
 from tasks.request import ErasureRequest
@@ -83,7 +84,10 @@ def update_flow(requests: list[ErasureRequest], runs: dict[str, str], settings: 
             for request in valid:
                 ledger.set_status(client, runs[request.request_id], "running")
             unlearned = unlearn_update(quote(plan), champion, before, settings, max(r.time_budget_s for r in valid))
-            report = decide_gates(quote(plan), unlearned, before, champion, timings)
+            # A batch failing the gates it already has is split, not certified: no depth to measure.
+            needed = single or all(g.passed for g in unlearned.best.gates)
+            depth = measure_depth(quote(plan), champion, unlearned, settings) if needed else None
+            report = decide_gates(quote(plan), unlearned, before, champion, timings, depth)
 
             if single and valid[0].dry_run:
                 reason = "gates passed" if report.gates_passed else "gates failed"

@@ -36,25 +36,25 @@ GROUPS = {"classes": ["--kinds", "class"], "others": ["--kinds", "subgroup", "as
 def smoke(model_dir: str, manifest: Path, device: str, methods) -> bool:
     """Two steps of every method on ``device``: a device bug shows here in seconds, not after the budget."""
     from unlearning.data import read_manifest
+    from unlearning.erasure import erase
     from unlearning.erasure_data import build_unlearning_data
-    from unlearning.methods import ForgetTarget, run_method
+    from unlearning.methods import ForgetTarget
     from unlearning.models import load_model
 
     reference = read_manifest(manifest)
+    bundle = load_model(f"local-dir:{model_dir}", device=device)  # erase() copies it: every run starts from these weights
     ok = True
     for method in methods:
         for target in (ForgetTarget(kind="class", class_name="circle"),
                        ForgetTarget(kind="subgroup", class_name="circle", attribute="colour", value="red")):
-            bundle = load_model(f"local-dir:{model_dir}", device=device)
-            data = build_unlearning_data(target, reference, bundle.image_size, max_retain=256)
             config = {"max_steps": 2}
             if method == "lipschitz":
                 config.update(n_stop_images=4, synthesis={"n_images": 8, "min_steps": 4, "max_steps": 6})
             if method == "three_stage":
                 config.update(remind_steps=2, align_steps=2, align_pool=32)
             try:
-                run_method(method, bundle.model, bundle.tokenizer, target, data, config,
-                           original=bundle.copy().model.requires_grad_(False))
+                data = build_unlearning_data(target, reference, bundle.image_size, max_retain=256)
+                erase(bundle, reference, target, method, config=config, data=data, evaluate_after=False)
                 print(f"[smoke] {method:16s} {target.name:12s} ok on {device}", flush=True)
             except Exception:
                 ok = False

@@ -41,7 +41,8 @@ def parse_case(name: str) -> Case:
 
 
 def worker(jobs: list[dict], model_dir: str, manifest: str, out: str, device: str, deadline: float) -> None:
-    """Run ``jobs`` one after another with :func:`unlearning.bench.run_one`, scored on the val split."""
+    """Run ``jobs`` one after another with :func:`unlearning.bench.run_one` (each from a copy of the
+    champion loaded once), scored on the val split."""
     torch.set_num_threads(1)
     from unlearning.bootstrap import world_eval_set
     from unlearning.data import read_manifest
@@ -59,7 +60,7 @@ def worker(jobs: list[dict], model_dir: str, manifest: str, out: str, device: st
             if job["target"] not in before_by_target:
                 before_by_target[job["target"]] = evaluate(original.model, original.tokenizer, eval_set, [case.target]).metrics
             config = {k: v for k, v in job["cfg"].items() if k != "seed"}
-            row = run_one(model_dir, reference, eval_set, case, job["method"], job["cfg"].get("seed", 0),
+            row = run_one(original, reference, eval_set, case, job["method"], job["cfg"].get("seed", 0),
                           before_by_target[job["target"]], relearn=False, device=device, config=config)
             row = {**job, **{k: v for k, v in row.items() if k != "config"}}  # the job already holds it as "cfg"
         except Exception:

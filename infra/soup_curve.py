@@ -28,25 +28,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unlearning.bootstrap import world_eval_set  # noqa: E402
 from unlearning.data import read_manifest  # noqa: E402
+from unlearning.erasure import erase  # noqa: E402
 from unlearning.erasure_data import build_unlearning_data  # noqa: E402
 from unlearning.evaluation import evaluate  # noqa: E402
-from unlearning.methods import ForgetTarget, run_method  # noqa: E402
+from unlearning.methods import ForgetTarget  # noqa: E402
 from unlearning.methods.three_stage import ThreeStageConfig, calibration_row, choose_alpha, soup  # noqa: E402
-from unlearning.models import load_model, state_copy  # noqa: E402
+from unlearning.models import ClipBundle, load_model, state_copy  # noqa: E402
 
 
-def curve(model_dir: str, reference, eval_set, target: ForgetTarget, seed: int, split: str, calibration: int,
+def curve(model: ClipBundle, reference, eval_set, target: ForgetTarget, seed: int, split: str, calibration: int,
           before: dict, config: dict) -> dict:
-    bundle = load_model(f"local-dir:{model_dir}", device="cpu")
-    original = bundle.copy().model.requires_grad_(False)
-    data = build_unlearning_data(target, reference, bundle.image_size, seed=seed)
+    """Every soup α of one three_stage run (seed ``seed``) from ``model`` (copied, left unchanged)."""
+    data = build_unlearning_data(target, reference, model.image_size, seed=seed)
     if split == "val":
         forget = data.forget
         data.forget_val = forget.subset(torch.arange(len(forget) - calibration, len(forget)))
         data.forget = forget.subset(torch.arange(len(forget) - calibration))
-    run_method("three_stage", bundle.model, bundle.tokenizer, target, data, {**config, "seed": seed, "soup_alphas": [1.0]},
-               original=original)
-    unlearned, original_state = state_copy(bundle.model), state_copy(original)
+    # Each α is scored below: the unsouped model itself needs no evaluation.
+    outcome = erase(model, reference, target, "three_stage", seed=seed, config={**config, "soup_alphas": [1.0]}, data=data,
+                    evaluate_after=False)
+    bundle = outcome.bundle
+    unlearned, original_state = state_copy(bundle.model), state_copy(outcome.original)
     settings = ThreeStageConfig(**config)
     rows = []
     for alpha in settings.soup_alphas:
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     before = evaluate(original.model, original.tokenizer, eval_set, [target]).metrics
     results = []
     for seed in args.seeds:
-        results.append(curve(args.model, reference, eval_set, target, seed, args.split, args.calibration, before,
+        results.append(curve(original, reference, eval_set, target, seed, args.split, args.calibration, before,
                              json.loads(args.config)))
         for row in results[-1]["rows"]:
             mark = "  <- chosen" if row["alpha"] == results[-1]["chosen_alpha"] else ""

@@ -15,6 +15,7 @@ from tasks.report import confusion_plot, history_plot, image_grid, per_class_plo
 from tasks.settings import ErasureSettings
 from unlearning.bootstrap import bootstrap_world_model
 from unlearning.models import count_parameters, pick_device, save_model
+from unlearning.oracle import TrainingRecipe, write_recipe
 from unlearning.precision import resolve_precision
 from unlearning.train import TrainConfig
 from unlearning.world import WorldSpec
@@ -48,6 +49,7 @@ def bootstrap_champion(settings: ErasureSettings, spec: WorldSpec, config: Train
         mlflow.log_figure(confusion_plot(class_result.confusion, class_result.classnames, "bootstrap: shape confusion"), "plots/confusion.png")
         mlflow.log_figure(history_plot(result.history, ["loss"], "bootstrap training loss"), "plots/training_loss.png")
         folder = save_model(result.bundle, Path(tempfile.mkdtemp(prefix="bootstrap-")))
+        write_recipe(folder, TrainingRecipe(model_name=model_name, train=config, image_size=spec.image_size))  # its oracle's recipe
         tags = {**lineage_tags([], [], None), "status": "champion", "erasure.method": "bootstrap", "erasure.world_seed": str(spec.seed)}
         version = registry.register_model_folder(folder, settings, tags=tags, run_id=run.info.run_id)
         registry.set_alias(settings.model_name, "champion", str(version.version))

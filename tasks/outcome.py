@@ -58,6 +58,7 @@ class UpdateReport(BaseModel):
     mlflow_run_id: str | None = None
     data: dict = Field(default_factory=dict)  # per request id: what went where (tasks.data.data_summary)
     timings: Timings = Field(default_factory=Timings)
+    depth: dict = Field(default_factory=dict)  # tasks.depth.DepthEvidence.as_dict(): per new target, before / after / oracle
 
     @property
     def failed_gates(self) -> list[str]:
@@ -120,4 +121,15 @@ def certificate_of(update: UpdateReport, request, model_name: str, decision: str
             "parent_version": update.champion_before, "decision": decision, "batch": update.request_ids,
             "carried_targets": update.carried_targets, "before": update.before, "after": update.after,
             "gates": [g.model_dump() for g in update.gates], "heldout_suite": update.heldout_suite,
-            "data": update.data.get(request.request_id), "mlflow_run_id": update.mlflow_run_id, "purged": purged or []}
+            "data": update.data.get(request.request_id), "mlflow_run_id": update.mlflow_run_id, "purged": purged or [],
+            "depth": _depth_of(update.depth, target)}
+
+
+def _depth_of(depth: dict, target: str) -> dict:
+    """The depth evidence of one request's target: the candidate's measures beside the champion's
+    before the erasure and, when one was cached, the retrain oracle's (``docs/depth.md``)."""
+    if not depth:
+        return {}
+    targets = depth.get("targets", {})
+    sides = targets.get(target) or (next(iter(targets.values())) if len(targets) == 1 else {})  # an association's completed name differs
+    return {**sides, "oracle_model": depth.get("oracle")}

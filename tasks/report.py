@@ -136,6 +136,7 @@ def write_certificate(folder: Path, certificate: dict) -> tuple[Path, Path]:
         "",
         metrics_markdown(certificate["before"], certificate["after"]),
         "",
+        *(depth_markdown(certificate["depth"]) if certificate.get("depth", {}).get("after") else []),
         "## Gates",
         "",
         gate_markdown(certificate["gates"]),
@@ -143,6 +144,50 @@ def write_certificate(folder: Path, certificate: dict) -> tuple[Path, Path]:
     md_path = folder / "certificate.md"
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
+
+
+DEPTH_NOTES = {"relearn": "accuracy after n relearning steps on 8 images", "probe": "linear probe, balanced accuracy",
+               "knn": "10-NN recall in image space", "mia_auc": "membership inference AUC (0.5: indistinguishable)",
+               "paraphrase": "zero-shot accuracy, unseen prompts", "forget_R@5": "own caption in the top 5"}
+
+
+def depth_markdown(depth: dict) -> list[str]:
+    """The certificate's depth table: each measure before, after and for the retrain oracle (docs/depth.md)."""
+    oracle = depth.get("oracle") or {}
+    lines = ["## Depth of forgetting", "",
+             f"Protocols: docs/depth.md. Oracle: {depth.get('oracle_model') or 'none cached for this model and target'}.", "",
+             "| measure | before | after | retrain oracle | what it is |", "|---|---|---|---|---|"]
+    for key in sorted(depth["after"]):
+        short = key.removeprefix("depth/")
+        note = DEPTH_NOTES.get(short.split("@")[0] if short.startswith("relearn") else short, "")
+        cells = [f"{depth[side][key]:.3f}" if depth.get(side) and key in depth[side] else "–" for side in ("before", "after")]
+        cells.append(f"{oracle[key]:.3f}" if key in oracle else "–")
+        lines.append(f"| {short} | {' | '.join(cells)} | {note} |")
+    return [*lines, ""]
+
+
+def depth_bench_plot(summary: Sequence[dict], kind: str = "class"):
+    """The depth measures of every model of one case kind, one group of bars per measure, with the
+    retrain oracle's value drawn as a line across each group (closer to the line is deeper)."""
+    keys = ["depth/relearn@10", "depth/forget_R@5", "depth/knn", "depth/probe", "depth/mia_auc", "depth/paraphrase"]
+    entries = [e for e in summary if e["kind"] == kind and e.get("depth/knn")]
+    models = [e for e in entries if e["method"] != "oracle"]
+    oracle = next((e for e in entries if e["method"] == "oracle"), None)
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(keys) * max(1, len(models)) / 4), 4.5))
+    width = 0.8 / max(1, len(models))
+    for n, entry in enumerate(models):
+        xs = [i - 0.4 + width * (n + 0.5) for i in range(len(keys))]
+        ax.bar(xs, [entry[k]["mean"] if entry.get(k) else float("nan") for k in keys], width=width, label=entry["method"])
+    if oracle:
+        for i, key in enumerate(keys):
+            if oracle.get(key):
+                ax.hlines(oracle[key]["mean"], i - 0.45, i + 0.45, colors="black", linewidth=2, label="retrain oracle" if i == 0 else None)
+    ax.set_xticks(range(len(keys)), [k.removeprefix("depth/") for k in keys])
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"depth of forgetting, {kind} targets (black: the retrain oracle)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    return fig
 
 
 def bench_plot(summary: Sequence[dict]):

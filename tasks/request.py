@@ -44,7 +44,7 @@ from unlearning.target import ForgetTarget
 AUTO_METHOD = "auto"
 # The registry's names (unlearning.methods); a caller holding the live registry passes its names
 # as validation context instead: ErasureRequest.model_validate(data, context={"methods": [...]}).
-METHOD_NAMES = ("lipschitz", "three_stage", "cliperase", "gradient_ascent", "graddiff", "finetune")
+METHOD_NAMES = ("lipschitz", "three_stage", "cliperase", "gradient_ascent", "graddiff", "finetune", "lipschitz:paper", "three_stage:paper", "cliperase:paper")
 
 # Starts with a letter or digit so that an id can never be "." or ".." when used in paths and keys.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -102,6 +102,13 @@ class GateThresholds(BaseModel):
     max_forget_accuracy: Fraction = Field(description="Highest accuracy on the forget target still counted as forgotten.")
     max_retain_drop: Fraction = Field(description="Largest allowed drop in accuracy on the retain data.")
     max_heldout_drop: Fraction = Field(description="Largest allowed drop in zero-shot accuracy on held-out probes.")
+    # Depth gates (docs/depth.md), off unless set here or in the settings (ERASURE_MAX_RELEARN_ACCURACY, ...).
+    max_relearn_accuracy: Fraction | None = Field(default=None, description=(
+        "Highest target accuracy allowed after 10 relearning steps on 8 of its images; unset: not gated."))
+    max_knn_recall: Fraction | None = Field(default=None, description=(
+        "Highest target recall of a 10-nearest-neighbour vote in image-embedding space; unset: not gated."))
+    max_mia_distance: Fraction | None = Field(default=None, description=(
+        "Largest distance of the membership-inference AUC from the retrain oracle's (0.5 without one); unset: not gated."))
 
 
 # A held-out suite by name or file ("paraphrase", "suites/heldout.json"), or inline ({"name": ...,

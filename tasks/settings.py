@@ -64,6 +64,16 @@ class ErasureSettings(BaseSettings):
     # the shapes world, else the retained classes under unseen paraphrase templates), "world",
     # "paraphrase", or a suite .json file (format: unlearning/heldout.py). A request may name its own.
     heldout_suite: str = "auto"
+    # Depth evidence (unlearning/depth.py, docs/depth.md): measured for every erasure's
+    # certificate; ``oracle_dir`` holds retrain oracles (`erasure oracle`), compared with when one
+    # is cached for the champion's recipe and targets. The depth gates are off (None) unless set:
+    # the highest relearn accuracy after 10 attack steps, kNN target recall, and distance of the
+    # MIA AUC from 0.5 (from the oracle's AUC when one is cached) a candidate may show.
+    depth_evidence: bool = True
+    oracle_dir: Path | None = None
+    max_relearn_accuracy: float | None = None
+    max_knn_recall: float | None = None
+    max_mia_distance: float | None = None
     # Guard: never promote a model below this retain accuracy, whatever the champion scored.
     min_retain_accuracy: float = 0.85
     # Purge: days after a promotion during which the versions it superseded keep their weights (the
@@ -125,6 +135,7 @@ class ErasureSettings(BaseSettings):
         if self.world_dir is None:
             self.world_dir = self.home / "world"
         self.world_dir = self.world_dir.expanduser().resolve()
+        self.oracle_dir = (self.oracle_dir or self.home / "oracles").expanduser().resolve()
         return self
 
 

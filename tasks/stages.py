@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from tasks import events, ledger, locks, registry
 from tasks.champion import Champion, lineage_tags
 from tasks.data import ErasureData, cache_folder, eval_set_of, prepare_data
+from tasks.depth import DepthEvidence, depth_gates
 from tasks.outcome import GateResult, RequestOutcome, Timings, UpdateReport, certificate_of
 from tasks.report import metric_name, confusion_plot, gate_markdown, metrics_markdown, per_class_plot, plt, write_certificate
 from tasks.request import ErasureRequest
@@ -47,7 +48,10 @@ from unlearning.evaluation import EvalSet, Evaluation
 from unlearning.methods import get_method
 from unlearning.methods.base import ForgetTarget, LabelledImages, UnlearningData, supports_joint
 from unlearning.models import save_model
+from unlearning.oracle import carry_recipe
 from unlearning.precision import resolve_precision
+
+DEPTH_GATES = ("max_relearn_accuracy", "max_knn_recall", "max_mia_distance")
 
 NOTE = "mlflow.note.content"  # the description MLflow shows first on a run
 RETRYABLE = ledger.RETRYABLE
@@ -165,6 +169,7 @@ class UpdatePlan:
     members: LabelledImages | None
     thresholds: dict
     data: dict[str, ErasureData] = field(default_factory=dict)
+    depth_thresholds: dict = field(default_factory=dict)  # the depth gates switched on (tasks.depth), decided once measured
 
     @property
     def request_ids(self) -> list[str]:
@@ -177,6 +182,17 @@ def strictest_gates(requests: Sequence[ErasureRequest], settings: ErasureSetting
                "max_heldout_drop": settings.max_heldout_drop}
     asked = [r.gates.model_dump() if r.gates else default for r in requests]
     return {key: min(a[key] for a in asked) for key in default}
+
+
+def strictest_depth_gates(requests: Sequence[ErasureRequest], settings: ErasureSettings) -> dict[str, float]:
+    """The depth gates switched on: by any request (its strictest value wins) or by the settings."""
+    gates = {}
+    for key in DEPTH_GATES:
+        asked = [getattr(r.gates, key) for r in requests if r.gates and getattr(r.gates, key) is not None]
+        value = min(asked) if asked else getattr(settings, key)
+        if value is not None:
+            gates[key] = value
+    return gates
 
 
 @task(name="plan-update", cache_policy=NO_CACHE)
@@ -192,7 +208,8 @@ def plan_update(requests: list[ErasureRequest], data: dict[str, ErasureData], ch
         strict = request.method != "auto"
         plan = plan_methods(request.method, first.target, first.unlearning, lambda m: method_config(m, request, strict))
         group = Group([request.request_id], [first.target], plan, {m: method_config(m, request, strict) for m in plan}, first.unlearning)
-        return UpdatePlan(requests, [group], first.eval_set, all_targets, first.members, thresholds, data)
+        return UpdatePlan(requests, [group], first.eval_set, all_targets, first.members, thresholds, data,
+                          strictest_depth_gates(requests, settings))
 
     buckets: dict[tuple, list[ErasureRequest]] = {}
     for request in requests:
@@ -213,7 +230,7 @@ def plan_update(requests: list[ErasureRequest], data: dict[str, ErasureData], ch
     forgotten = [g.data.forget for g in groups if g.data.forget is not None]
     members = (LabelledImages(torch.cat([f.images for f in forgotten]), [t for f in forgotten for t in f.texts],
                               torch.full((sum(len(f) for f in forgotten),), -1, dtype=torch.long)) if forgotten else None)
-    return UpdatePlan(requests, groups, eval_set, all_targets, members, thresholds, data)
+    return UpdatePlan(requests, groups, eval_set, all_targets, members, thresholds, data, strictest_depth_gates(requests, settings))
 
 
 def _groups_of(requests: list[ErasureRequest], data: dict[str, ErasureData], reference, champion: Champion,
@@ -306,10 +323,12 @@ def unlearn_update(plan: UpdatePlan, champion: Champion, before: Evaluation, set
 
 
 @task(name="decide-gates", cache_policy=NO_CACHE)
-def decide_gates(plan: UpdatePlan, unlearned: Unlearned, before: Evaluation, champion: Champion, timings: Timings) -> UpdateReport:
-    """The one gate decision of the update, logged (metrics after, per-class plot, gate report)."""
+def decide_gates(plan: UpdatePlan, unlearned: Unlearned, before: Evaluation, champion: Champion, timings: Timings,
+                 depth: DepthEvidence | None = None) -> UpdateReport:
+    """The one gate decision of the update, logged (metrics after, per-class plot, gate report);
+    the depth gates switched on join the others once ``depth`` is measured."""
     best = unlearned.best
-    gates = [GateResult(**g.as_dict()) for g in best.gates]
+    gates = [GateResult(**g.as_dict()) for g in [*best.gates, *depth_gates(depth, plan.depth_thresholds)]]
     passed = all(g.passed for g in gates)
     mlflow.log_metrics({f"after.{metric_name(k)}": v for k, v in best.after.metrics.items()})
     names = [t.name for t in plan.all_targets]
@@ -319,7 +338,7 @@ def decide_gates(plan: UpdatePlan, unlearned: Unlearned, before: Evaluation, cha
     plt.close(figure)
     gate_dicts = [g.model_dump() for g in gates]
     mlflow.log_dict({"passed": passed, "method": unlearned.method, "gates": gate_dicts, "attempts": [a.method for a in unlearned.attempts],
-                     "thresholds": plan.thresholds}, "gates/gate_report.json")
+                     "thresholds": {**plan.thresholds, **plan.depth_thresholds}}, "gates/gate_report.json")
     mlflow.log_text(gate_markdown(gate_dicts), "gates/gate_report.md")
     mlflow.set_tags({"erasure.method": unlearned.method, "erasure.gates_passed": str(passed).lower()})
     timings = timings.model_copy(update={"unlearn_s": unlearned.seconds, "evaluate_s": timings.evaluate_s + unlearned.evaluate_seconds})
@@ -328,7 +347,8 @@ def decide_gates(plan: UpdatePlan, unlearned: Unlearned, before: Evaluation, cha
     return UpdateReport(
         request_ids=plan.request_ids, targets=[t.name for t in plan.all_targets[len(champion.targets):]], carried_targets=names,
         method=unlearned.method, attempts=[a.method for a in unlearned.attempts], decision="rejected" if not passed else "promoted",
-        gates_passed=passed, gates=gates, thresholds=plan.thresholds, heldout_suite=first.eval_set.heldout.as_dict(),
+        gates_passed=passed, gates=gates, thresholds={**plan.thresholds, **plan.depth_thresholds},
+        depth=depth.as_dict() if depth else {}, heldout_suite=first.eval_set.heldout.as_dict(),
         before=before.metrics, after=best.after.metrics, per_class_before=before.per_class, per_class_after=best.after.per_class,
         champion_before=champion.version, mlflow_run_id=mlflow.active_run().info.run_id,
         data={rid: plan.data[rid].summary for rid in plan.request_ids}, timings=timings)
@@ -359,7 +379,8 @@ def register_update(settings: ErasureSettings, name: str, plan: UpdatePlan, unle
             "erasure.heldout_suite": plan.data[plan.request_ids[0]].eval_set.heldout.reference, "erasure.decision": "candidate",
             "status": "candidate"}
     with tempfile.TemporaryDirectory(prefix="candidate-") as folder:
-        version = registry.register_model_folder(save_model(unlearned.best.bundle, Path(folder)),
+        carry_recipe(champion.folder, save_model(unlearned.best.bundle, Path(folder)))
+        version = registry.register_model_folder(Path(folder),
                                                  settings.model_copy(update={"model_name": name}), tags=tags, run_id=run_id)
     return str(version.version)
 

@@ -17,8 +17,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.report import confusion_plot, history_plot, image_grid, metric_name, plt
+from unlearning.erasure import unlearn_and_evaluate
 from unlearning.evaluation import EvalSet, Evaluation, Gate, check_gates, evaluate
-from unlearning.methods import METHODS, get_method, run_method, unmet_needs
+from unlearning.methods import METHODS, get_method, unmet_needs
 from unlearning.methods.base import ForgetTarget, UnlearningData
 from unlearning.models import ClipBundle
 from unlearning.precision import Precision
@@ -155,14 +156,11 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
     """
     logger = get_run_logger()
     spec = get_method(method)
-    candidate = (start or champion).copy()
-    candidate.model.requires_grad_(True)  # the champion itself is frozen (below), and copies inherit that
     original = champion.model.requires_grad_(False)  # frozen reference: the champion, carrying earlier erasures
     with mlflow.start_run(run_name=f"attempt-{method}", nested=True) as run:
         config_model = spec.config_cls.model_validate(config or {})
         mlflow.log_params({f"method.{k}": v for k, v in config_model.model_dump().items()})
         mlflow.set_tags({"erasure.kind": "attempt", "erasure.method": method, "erasure.paper": spec.paper})
-        started = time.perf_counter()
         last_log = [0.0]
 
         def progress(row: dict) -> None:
@@ -170,17 +168,15 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
                 last_log[0] = time.perf_counter()
                 logger.info("%s step %s: %s", method, row.get("step"), {k: v for k, v in row.items() if isinstance(v, float)})
 
-        result = run_method(method, candidate.model, candidate.tokenizer, target, data, config_model, original=original,
-                            progress=progress, precision=precision)
-        seconds = time.perf_counter() - started
-        candidate.model = result.model
+        outcome = unlearn_and_evaluate(method, start or champion, target, data, eval_set, all_targets=all_targets, original=original,
+                                       config=config_model, members=members, precision=precision, progress=progress,
+                                       evaluate_after=evaluate_after)
+        result, candidate, seconds = outcome.result, outcome.bundle, outcome.seconds
         _log_history(result.history)
         if not evaluate_after:
             mlflow.log_metric("unlearn_seconds", seconds)
             return Attempt(method, candidate, before, [], seconds, result.summary, run.info.run_id, 0.0)
-        evaluated = time.perf_counter()
-        after = evaluate(candidate.model, candidate.tokenizer, eval_set, all_targets, members=members)
-        evaluate_seconds = time.perf_counter() - evaluated
+        after = outcome.after
         gates = check_gates(before.metrics, after.metrics, **thresholds)
         mlflow.log_metrics({f"after.{metric_name(k)}": v for k, v in after.metrics.items()})
         mlflow.log_metric("unlearn_seconds", seconds)
@@ -196,4 +192,4 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
         mlflow.set_tag("erasure.gates_passed", str(all(g.passed for g in gates)).lower())
         logger.info("%s: forget %.2f %% retain %.2f %% in %.1f s — gates %s", method, 100 * after.metrics.get("forget_accuracy", float("nan")),
                     100 * after.metrics.get("retain_accuracy", float("nan")), seconds, "pass" if all(g.passed for g in gates) else "FAIL")
-        return Attempt(method, candidate, after, gates, seconds, result.summary, run.info.run_id, evaluate_seconds)
+        return Attempt(method, candidate, after, gates, seconds, result.summary, run.info.run_id, outcome.evaluate_seconds)

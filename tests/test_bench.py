@@ -50,6 +50,23 @@ def test_merge_joins_shards_and_summarises_per_kind_and_method(tmp_path):
     assert any(line.startswith("| subgroup | lipschitz | 10.0 ± 0.0 |") for line in table)
 
 
+def test_every_result_is_measured_against_the_oracle_of_its_target_and_seed():
+    def with_depth(row, **depth):
+        return {**row, "depth": {f"depth/{k}": v for k, v in depth.items()}}
+
+    rows = [with_depth(_row("class", "original", 0, 0.95, 0.9), knn=0.95, mia_auc=0.55),
+            with_depth(_row("class", "oracle", 0, 0.0, 0.9), knn=0.80, mia_auc=0.50),
+            with_depth(_row("class", "oracle", 1, 0.0, 0.9), knn=0.60, mia_auc=0.50),
+            with_depth(_row("class", "cliperase", 0, 0.0, 0.9), knn=0.90, mia_auc=0.30),
+            with_depth(_row("class", "cliperase", 1, 0.0, 0.9), knn=0.70, mia_auc=0.40)]
+    summary = {e["method"]: e for e in __import__("unlearning.bench", fromlist=["summarise"]).summarise(rows)}
+    gap = summary["cliperase"]["depth/knn:oracle_gap"]
+    assert gap["mean"] == pytest.approx((0.10 + 0.10) / 2) and gap["n"] == 2  # each seed against its own oracle
+    assert summary["cliperase"]["depth/mia_auc:oracle_gap"]["mean"] == pytest.approx((0.20 + 0.10) / 2)
+    assert summary["original"]["depth/knn:oracle_gap"]["n"] == 1  # only seed 0 has an original
+    assert summary["oracle"]["depth/knn:oracle_gap"]["mean"] == 0.0
+
+
 def test_run_one_applies_and_records_config_overrides(trained_model_dir, small_records, test_images):
     case = Case("class", ForgetTarget(kind="class", class_name="circle"))
     reference = [r for split in ("train", "val", "test") for r in small_records[split]]

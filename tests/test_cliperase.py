@@ -137,6 +137,27 @@ def _best_class(model, tokenizer, eval_set) -> str:
     return max(per_class, key=per_class.get)
 
 
+def test_relabel_teaches_forget_images_their_nearest_other_class_through_the_image_tower(trained_bundle, small_records):
+    from unlearning.methods.cliperase import relabel_loss
+    from unlearning.methods.common import class_text_features, zero_shot_logits
+
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    data = build_unlearning_data(ForgetTarget(kind="class", class_name="circle"), small_records["train"], 32, max_forget=32, max_retain=32)
+    images = data.forget.images
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        logits = zero_shot_logits(model, images, class_text_features(model, tokenizer, data.classnames, data.templates))
+    assert logits.argmax(1).eq(data.forget_index).float().mean() > 0.5  # the model still calls them circles
+
+    loss = relabel_loss(model, teacher, tokenizer, images, data)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.visual.parameters())  # the image tower learns too
+    logits[:, data.forget_index] = float("-inf")  # the loss's labels: the best class that is not the forgotten one
+    expected = F.cross_entropy(zero_shot_logits(teacher, images, class_text_features(teacher, tokenizer, data.classnames, data.templates)),
+                               logits.argmax(1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_cliperase_forgets_a_class_and_keeps_the_others(trained_bundle, small_records, test_images):
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     eval_set = EvalSet(small_records["test"], test_images)

@@ -41,7 +41,9 @@ def version_count(settings) -> int:
     return len(registry.list_versions(settings.model_name))
 
 
-def test_happy_path_promotes_and_records_everything(store):
+def test_happy_path_promotes_and_records_everything(store, monkeypatch):
+    monkeypatch.setenv("ERASURE_DEPTH_EVIDENCE", "true")  # the default outside the tests
+    get_settings.cache_clear()
     report = erasure_flow(request("req-happy"))
     assert report.status == "promoted", report.gates
     assert aliases(store) == {"champion": report.model_version, "previous": "1"}
@@ -59,6 +61,12 @@ def test_happy_path_promotes_and_records_everything(store):
     assert {"certificate", "gates", "plots", "validation", "request.json"} <= artifacts
     certificate = json.loads(open(MlflowClient().download_artifacts(entry.run_id, "certificate/certificate.json")).read())
     assert certificate["decision"] == "promoted" and certificate["model_version"] == report.model_version
+    depth = certificate["depth"]  # the depth evidence, beside the champion's before the erasure
+    assert {"depth/relearn@10", "depth/probe", "depth/knn", "depth/mia_auc", "depth/paraphrase", "depth/forget_R@5"} <= set(depth["after"])
+    assert set(depth["before"]) == set(depth["after"]) and depth["oracle"] is None  # no oracle is cached for the test model
+    assert depth["after"]["depth/relearn@0"] < depth["before"]["depth/relearn@0"]
+    assert "Depth of forgetting" in open(MlflowClient().download_artifacts(entry.run_id, "certificate/certificate.md")).read()
+    assert {a.path for a in MlflowClient().list_artifacts(entry.run_id, "plots")} >= {"plots/depth.png"}
 
     # idempotent: the same request id is answered from the ledger, nothing new is registered
     again = erasure_flow(request("req-happy"))
@@ -66,11 +74,16 @@ def test_happy_path_promotes_and_records_everything(store):
     assert version_count(store) == 2
 
 
-def test_failing_gate_registers_rejected_and_keeps_champion(store):
-    # fine-tuning on retain forgets nothing in a few steps: the forget gate must fail
-    report = erasure_flow(request("req-reject", method="finetune", method_config={"max_steps": 8}))
+def test_failing_gate_registers_rejected_and_keeps_champion(store, monkeypatch):
+    # fine-tuning on retain forgets nothing in a few steps: the forget gate must fail, and so must
+    # a depth gate switched on (circles still cluster together in image space)
+    monkeypatch.setenv("ERASURE_DEPTH_EVIDENCE", "true")
+    get_settings.cache_clear()
+    report = erasure_flow(request("req-reject", method="finetune", method_config={"max_steps": 8},
+                                  gates={**GATES, "max_knn_recall": 0.05}))
     assert report.status == "rejected"
-    assert "forget_accuracy" in [g.name for g in report.gates if not g.passed]
+    assert {"forget_accuracy", "knn_recall"} <= {g.name for g in report.gates if not g.passed}
+    assert "relearn_accuracy" not in {g.name for g in report.gates}  # switched off: not a gate
     assert aliases(store) == {"champion": "1", "previous": None}
     version = MlflowClient().get_model_version(store.model_name, report.model_version)
     assert version.tags["status"] == "rejected"

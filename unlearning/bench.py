@@ -20,11 +20,13 @@ from typing import Sequence
 import torch
 
 from unlearning.data import Record, read_manifest
-from unlearning.erasure_data import build_unlearning_data
+from unlearning.depth import depth_measures
+from unlearning.erasure import erase
 from unlearning.evaluation import EvalSet, evaluate
-from unlearning.methods import get_method, run_method
+from unlearning.methods import get_method
 from unlearning.methods.base import ForgetTarget
-from unlearning.models import load_model, pick_device
+from unlearning.models import ClipBundle, load_model, pick_device
+from unlearning.oracle import TrainingRecipe, read_recipe, train_oracle
 
 PAPER_METHODS = ("lipschitz", "three_stage", "cliperase")
 BASELINES = ("gradient_ascent", "graddiff", "finetune")
@@ -54,28 +56,40 @@ def _headline(metrics: dict) -> dict:
     return {k: metrics[k] for k in keep if k in metrics}
 
 
-def run_one(model_dir: str, reference: Sequence[Record], eval_set: EvalSet, case: Case, method: str, seed: int,
-            before: dict, relearn: bool = True, device: str | None = None, config: dict | None = None) -> dict:
+def run_one(model: str | ClipBundle, reference: Sequence[Record], eval_set: EvalSet, case: Case, method: str, seed: int,
+            before: dict, relearn: bool = True, device: str | None = None, config: dict | None = None, depth: bool = False) -> dict:
     """One method on one case from the original weights; returns the benchmark row.
 
-    ``config``: overrides of the method's defaults (a hyperparameter sweep); the row records them."""
-    bundle = load_model(f"local-dir:{model_dir}", device=str(pick_device(device)))
-    original = bundle.copy().model.requires_grad_(False)
-    data = build_unlearning_data(case.target, reference, bundle.image_size, seed=seed)
-    started = time.perf_counter()
-    result = run_method(method, bundle.model, bundle.tokenizer, case.target, data, {**(config or {}), "seed": seed}, original=original)
-    seconds = time.perf_counter() - started
-    after = evaluate(result.model, bundle.tokenizer, eval_set, [case.target], members=data.forget).metrics
-    row = {"kind": case.kind, "target": case.target.name, "method": method, "seed": seed, "seconds": round(seconds, 2),
-           "steps": result.summary.get("steps", len(result.history)), "before": _headline(before), "after": _headline(after)}
+    Args:
+        model: the original's folder, or the original itself (copied, left unchanged).
+        config: overrides of the method's defaults (a hyperparameter sweep); the row records them.
+        depth: add the depth measures (``unlearning.depth``) of the erased model as ``row["depth"]``.
+    """
+    model = model if isinstance(model, ClipBundle) else f"local-dir:{model}"
+    outcome = erase(model, reference, case.target, method, seed=seed, config=config, eval_set=eval_set, device=device)
+    row = {"kind": case.kind, "target": case.target.name, "method": method, "seed": seed, "seconds": round(outcome.seconds, 2),
+           "steps": outcome.steps, "before": _headline(before), "after": _headline(outcome.after.metrics)}
     if config:
         row["config"] = config
-    if relearn and case.kind != "association" and data.forget is not None:
+    if relearn and case.kind != "association" and outcome.data.forget is not None:
         from unlearning.evidence import relearn_test
 
-        outcome = relearn_test(result.model, original, bundle.tokenizer, case.target, data, seed=seed)
-        row["relearn"] = {"unlearned": outcome.unlearned, "original": outcome.original}
+        attack = relearn_test(outcome.bundle.model, outcome.original, outcome.bundle.tokenizer, case.target, outcome.data, seed=seed)
+        row["relearn"] = {"unlearned": attack.unlearned, "original": attack.original}
+    if depth:
+        row["depth"] = depth_measures(outcome.bundle.model, outcome.bundle.tokenizer, case.target, reference,
+                                      image_size=outcome.bundle.image_size, seed=seed)
     return row
+
+
+def reference_row(kind: str, bundle: ClipBundle, reference: Sequence[Record], eval_set: EvalSet, case: Case, seed: int,
+                  before: dict, seconds: float = 0.0) -> dict:
+    """A model that is not an erasure, as a benchmark row: the ``original`` itself or the retrain
+    ``oracle`` (``kind``), evaluated and measured exactly like the methods' results."""
+    after = evaluate(bundle.model, bundle.tokenizer, eval_set, [case.target]).metrics
+    return {"kind": case.kind, "target": case.target.name, "method": kind, "seed": seed, "seconds": round(seconds, 2), "steps": 0,
+            "before": _headline(before), "after": _headline(after),
+            "depth": depth_measures(bundle.model, bundle.tokenizer, case.target, reference, image_size=bundle.image_size, seed=seed)}
 
 
 def harmonic(forget: float, retained: float) -> float:
@@ -88,6 +102,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["kind"], row["method"]), []).append(row)
+    # The oracle of each case and seed, for every row's distance to it on each depth measure.
+    oracles = {(r["kind"], r["target"], r["seed"]): r.get("depth") or {} for r in rows if r["method"] == "oracle"}
 
     def stat(values):
         values = [v for v in values if v is not None and v == v]
@@ -112,8 +128,16 @@ def summarise(rows: list[dict]) -> list[dict]:
                  "harmonic": stat([harmonic(r["after"].get(forget_key, 1.0), r["after"].get(retained_key, 0.0)) for r in group]),
                  "seconds": stat([r["seconds"] for r in group]),
                  "steps": stat([r["steps"] for r in group])}
+        for key in DEPTH_KEYS:
+            entry[key] = stat([(r.get("depth") or {}).get(key) for r in group])
+            entry[f"{key}:oracle_gap"] = stat([abs(r["depth"][key] - oracles[(r["kind"], r["target"], r["seed"])][key]) for r in group
+                                               if key in (r.get("depth") or {}) and key in oracles.get((r["kind"], r["target"], r["seed"]), {})])
         summary.append(entry)
     return summary
+
+
+DEPTH_KEYS = ("depth/relearn@0", "depth/relearn@5", "depth/relearn@10", "depth/relearn@20", "depth/probe", "depth/knn",
+              "depth/mia_auc", "depth/paraphrase", "depth/forget_R@5")
 
 
 def _relearn_value(row: dict, curve: str) -> float | None:
@@ -136,6 +160,26 @@ def markdown(summary: list[dict], meta: dict) -> str:
         lines.append(f"| {e['kind']} | {e['method']} | {cell(e['forget'])} | {cell(e['retain_drop'])} | {cell(e['sibling_drop'])} | "
                      f"{cell(e['heldout_drop'])} | {cell(e['forget_R@5'])} | {cell(e['retain_R@5_drop'])} | {cell(e['mia_auc'], 1, 2)} | "
                      f"{cell(e['relearn'])} ({cell(e['relearn_original'])}) | {cell(e['harmonic'])} | {cell(e['seconds'], 1, 1)} | {cell(e['steps'], 1, 0)} |")
+    if any(e.get("depth/mia_auc") for e in summary):
+        lines += ["", "Depth of forgetting (protocols: docs/depth.md), in % (MIA AUC as a fraction); in brackets the mean distance "
+                  "to the retrain oracle of the same target and seed, where one was measured.", "",
+                  "| kind | model | relearn @0 / 5 / 10 / 20 | linear probe | kNN recall | MIA AUC | paraphrase acc | forget R@5 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        order = {"original": 0, "oracle": 1}
+        for e in sorted(summary, key=lambda e: (e["kind"], order.get(e["method"], 2), e["method"])):
+            if not e.get("depth/mia_auc"):
+                continue
+
+            def depth_cell(key, scale=100.0, digits=1):
+                value = cell(e.get(key), scale, digits)
+                gap = e.get(f"{key}:oracle_gap")
+                return f"{value} ({scale * gap['mean']:.{digits}f})" if gap and e["method"] != "oracle" else value
+
+            relearn = " / ".join(f"{100 * e[k]['mean']:.0f}" if e.get(k) else "–" for k in DEPTH_KEYS[:4])
+            gap = e.get("depth/relearn@10:oracle_gap")
+            relearn += f" ({100 * gap['mean']:.0f} at 10)" if gap and e["method"] != "oracle" else ""
+            lines.append(f"| {e['kind']} | {e['method']} | {relearn} | {depth_cell('depth/probe')} | {depth_cell('depth/knn')} | "
+                         f"{depth_cell('depth/mia_auc', 1, 2)} | {depth_cell('depth/paraphrase')} | {depth_cell('depth/forget_R@5')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,10 +215,17 @@ def merge(parts: Sequence[Path], out: Path) -> dict:
 
 def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1),
               classes: Sequence[str] | None = None, kinds: Sequence[str] = ("class", "subgroup", "association"),
-              progress: bool = True, device: str | None = None) -> dict:
+              progress: bool = True, device: str | None = None, oracle_dir: Path | None = None, depth: bool | None = None,
+              recipe: TrainingRecipe | None = None) -> dict:
     """Run the benchmark and write ``bench.json`` and ``bench.md`` into ``out``.
 
-    ``device``: where each run trains and is evaluated (default: CUDA when present, else CPU)."""
+    Args:
+        device: where each run trains and is evaluated (default: CUDA when present, else CPU).
+        oracle_dir: train (or reuse) the retrain oracle of every class and subgroup case there and
+            add it, and the original, as rows of their own; implies ``depth``.
+        depth: measure every result's depth of forgetting (default: with ``oracle_dir``).
+        recipe: the original's training recipe (default: the one stored with it, else the bootstrap's).
+    """
     from unlearning.bootstrap import world_eval_set
 
     out.mkdir(parents=True, exist_ok=True)
@@ -182,15 +233,25 @@ def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] |
     eval_set = world_eval_set(Path(manifest), "test")
     methods = list(methods or [*PAPER_METHODS, *BASELINES])
     original = load_model(f"local-dir:{model_dir}", device=str(pick_device(device)))
+    depth = bool(oracle_dir) if depth is None else depth
+    recipe = recipe or read_recipe(model_dir) or TrainingRecipe()
     rows, errors = [], []
     for case in [c for c in default_cases(reference, classes) if c.kind in kinds]:
         before = evaluate(original.model, original.tokenizer, eval_set, [case.target]).metrics
+        for seed in seeds if depth else ():
+            rows.append(reference_row("original", original, reference, eval_set, case, seed, before))
+            if oracle_dir and case.kind != "association":  # an association's oracle would drop every image of its captions
+                started = time.perf_counter()
+                folder = train_oracle(manifest, [case.target], recipe, oracle_dir, device=device, progress=progress)
+                made = json.loads((folder / "oracle.json").read_text()).get("seconds", time.perf_counter() - started)
+                oracle = load_model(f"local-dir:{folder}", device=str(pick_device(device)))
+                rows.append(reference_row("oracle", oracle, reference, eval_set, case, seed, before, seconds=made))
         for method in methods:
             if case.kind not in get_method(method).target_kinds:
                 continue
             for seed in seeds:
                 try:
-                    row = run_one(model_dir, reference, eval_set, case, method, seed, before, device=device)
+                    row = run_one(original, reference, eval_set, case, method, seed, before, device=device, depth=depth)
                 except Exception as exc:  # one broken run must not lose the others; it is reported
                     errors.append({"kind": case.kind, "target": case.target.name, "method": method, "seed": seed, "error": repr(exc)})
                     print(f"[bench] {case.target.name} {method} seed {seed}: FAILED {exc!r}", flush=True)
@@ -216,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", nargs="*")
     parser.add_argument("--kinds", nargs="*", default=["class", "subgroup", "association"])
     parser.add_argument("--device", help="cuda, cpu, ... (default: CUDA when present)")
+    parser.add_argument("--oracle", metavar="DIR", type=Path, help="retrain oracles here (cached) and report every method against them")
+    parser.add_argument("--depth", action="store_true", help="measure the depth of forgetting of every result (implied by --oracle)")
     args = parser.parse_args(argv)
-    run_bench(args.model, args.manifest, Path(args.out), args.methods, args.seeds, args.classes, args.kinds, device=args.device)
+    run_bench(args.model, args.manifest, Path(args.out), args.methods, args.seeds, args.classes, args.kinds, device=args.device,
+              oracle_dir=args.oracle, depth=args.depth or None)
     return 0
 
 

@@ -64,15 +64,18 @@ class RelearnResult:
 
 
 def _relearn_curve(model: torch.nn.Module, tokenizer, attack: LabelledImages, evaluation: LabelledImages, classnames: Sequence[str],
-                   attack_templates: Sequence[str], templates: Sequence[str], steps: int, lr: float, loss: str) -> list[float]:
-    """Fine-tune a copy of ``model`` on ``attack`` (full batch, Adam) and track accuracy on ``evaluation``."""
+                   attack_templates: Sequence[str], templates: Sequence[str], steps: int, lr: float, loss: str,
+                   checkpoints: Sequence[int] | None = None) -> list[float]:
+    """Fine-tune a copy of ``model`` on ``attack`` (full batch, Adam) and track accuracy on ``evaluation``
+    after each step count in ``checkpoints`` (ascending, at most ``steps``; default: every step, 0 included)."""
     # eval(): the attack set is a single class (BatchNorm, see base.py); requires_grad: the frozen
     # original arrives with its parameters switched off.
     model = copy.deepcopy(model).eval().requires_grad_(True)
     params = [p for n, p in model.named_parameters() if n != "logit_scale"]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    curve = [accuracy(model, tokenizer, evaluation, classnames, templates)]
-    for _ in range(steps):
+    optimizer = torch.optim.Adam(params, lr=lr, fused=True)  # fused: one update over all tensors, several times faster on CPU
+    tracked = set(range(steps + 1) if checkpoints is None else checkpoints)
+    curve = [accuracy(model, tokenizer, evaluation, classnames, templates)] if 0 in tracked else []
+    for step in range(1, steps + 1):
         if loss == "zero_shot":
             logits = zero_shot_logits(model, attack.images, class_text_features(model, tokenizer, classnames, attack_templates))
             value = F.cross_entropy(logits, attack.labels.to(logits.device))
@@ -81,7 +84,8 @@ def _relearn_curve(model: torch.nn.Module, tokenizer, attack: LabelledImages, ev
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
-        curve.append(accuracy(model, tokenizer, evaluation, classnames, templates))
+        if step in tracked:
+            curve.append(accuracy(model, tokenizer, evaluation, classnames, templates))
     return curve
 
 

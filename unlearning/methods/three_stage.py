@@ -2,14 +2,15 @@
 
 1. **Forgetting.** Score each layer weight (matrix or conv kernel) by its relative Fisher
    information: the mean squared gradient of the image-text cosine similarity on forget pairs
-   divided by the same on retain pairs. Only the ``top_k_tensors`` highest are updated, to push each
-   forget image's similarity to the target's prompt down, until the shared stop rule holds (forget
-   accuracy on ``data.forget_val`` at most ``stop_forget_accuracy``).
-2. **Reminding.** On retain data (half siblings for a subgroup target): the CLIP contrastive loss
-   plus knowledge distillation from the frozen original, and a weight EMA whose average becomes the
-   model. For BatchNorm towers, the retain images first get a learned per-sample perturbation δ
-   that makes each BatchNorm layer's batch mean/std match its running statistics (DeepInversion
-   style), so reminding sees inputs closer to the pre-training distribution.
+   divided by the same on retain pairs. Only the ``top_k_tensors`` highest are updated (in full,
+   or through LoRA adapters, ``lora_rank``), to push each forget image's similarity to the
+   target's prompt down, until the shared stop rule holds (forget accuracy on ``data.forget_val``
+   at most ``stop_forget_accuracy``).
+2. **Reminding.** On retain data: the CLIP contrastive loss plus knowledge distillation from the
+   frozen original, and a weight EMA whose average becomes the model. For BatchNorm towers, the
+   retain images first get a learned per-sample perturbation δ that makes each BatchNorm layer's
+   batch mean/std match its running statistics (DeepInversion style), through the model
+   ``align_through`` names, so reminding sees inputs closer to the pre-training distribution.
 3. **Restoring.** Soup with the original, θ = α·θ_unlearned + (1 - α)·θ_original (:func:`soup`),
    with α from ``soup_alphas`` picked on the calibration split (``retain_val`` + ``forget_val``) by
    :func:`choose_alpha`: the α with the highest retain accuracy among those whose forget accuracy
@@ -17,37 +18,37 @@
    a calibration image counts as forgotten only ``soup_margin`` (cosine; ``subgroup_soup_margin``
    for a subgroup) below its best other class.
 
-The paper's details we could not read (methods.md 2.3, 6), and what we chose instead (all configurable):
+``three_stage:paper`` (:class:`ThreeStagePaperConfig`) follows what we could read of the paper
+(LoRA on the selected layers, the similarity-threshold forget loss, reminding on the siblings with
+KD only, alignment through the original model); what the paper leaves open is listed there.
+
+Where the paper is silent (methods.md 2.3, 6), our choices (all configurable):
 - Relative Fisher: squared gradients of the mean similarity over chunks of ``fisher_chunk`` pairs
   stand in for per-sample ones (chunk 1 is exact); a tensor's score is the ratio of element means.
   Forget texts are the target's class prompt, retain texts each image's class prompt, in the
-  training templates. Candidates are layer weights only (the tensors LoRA would adapt): per-channel
-  norm gains are too global (selecting them, forgetting "red circle" took colour accuracy 99.7 -> 70 %).
-- No LoRA: the selected tensors are updated in full (the tiny model's tensors are small; a LoRA
-  rank would be a large fraction of them). ``logit_scale`` is never updated.
-- Forgetting loss: "push the similarity below δ" with a per-image δ = its best retained class
-  prompt's similarity minus ``forget_margin``, i.e. mean relu(cos_target - max_other cos + margin).
-  A fixed δ (relu(cos - 0)) let the reminding stage bring the target straight back, because the
-  zero-shot decision is relative.
-- Reminding keeps that loss as a guard (weight ``remind_forget_weight``; the paper reminds on
-  retain data only, which is weight 0): without it, 30 reminding steps restored the forgotten
-  subgroup to 100 %. ``remind_scope`` "selected" (default) reminds the Fisher-selected tensors only.
+  training templates. Candidates are layer weights only (the tensors LoRA adapts): per-channel
+  norm gains are too global.
 - KD loss (:func:`reminding_terms`): KL(original ‖ current) of zero-shot logits over the *retained*
   class prompts at temperature ``distill_temperature`` (× T²); the target's column is dropped so
-  the teacher cannot hand the forgotten class back. Weight 1, and 5 for a subgroup target
-  (``subgroup_distill_weight``): forgetting "red circle" turned other circles into
-  "<colour> square", and the α search, which sees too few siblings to notice, souped little of it
-  away (val split, 4 seeds: siblings -0.6 to -6.9 pt at weight 1, at most -1.9 pt at 5).
-- Souping rule: the paper picks α on a calibration set; it does not say how "forgetting holds" is
-  counted. ~32 calibration images cannot see a 5 % edge, and the zero-shot prediction alone let
-  the search stop where unseen images come back, so a subgroup's calibration images must be
-  forgotten by a cosine margin of 0.05 (``subgroup_soup_margin``; classes keep 0, not measured).
-  ``infra/soup_curve.py`` scores every α on unseen images and records the margins to replay others.
+  the teacher cannot hand the forgotten class back.
 - Alignment: ``align_steps`` of Adam on δ (lr ``align_lr``, L2 penalty ``align_l2``) for a pool of
   ``align_pool`` retain images; skipped (summary ``alignment: "skipped: no BatchNorm"``) for towers
   without BatchNorm, such as ViTs.
-- EMA decay, step counts, learning rates and the α grid are ours, sized for a tiny CLIP on 2 CPU
-  cores (≤ ~45 s per run).
+- EMA decay, step counts, learning rates and the α grid, sized for a tiny CLIP on 2 CPU cores.
+
+``three_stage`` deviates further; one line of why each (docs/methods.md has the measurements):
+- No LoRA (``lora_rank`` 0): the tiny model's tensors are small, a rank would be a large part of them.
+- Forget loss relu(cos_target - max_other cos + ``forget_margin``) (``forget_loss="margin"``): the
+  zero-shot decision is relative, and a fixed floor let reminding bring the target straight back.
+- Reminding keeps that loss as a guard (``remind_forget_weight``): without it reminding restored
+  the forgotten subgroup.
+- Half of each retain batch from the siblings (``sibling_share`` 0.5), KD weight 5 for a subgroup
+  (``subgroup_distill_weight``): the siblings drifted to other shapes.
+- A subgroup's calibration images must be forgotten by a cosine margin (``subgroup_soup_margin``):
+  the zero-shot prediction alone let the α search stop where unseen images come back.
+- Alignment through the unlearned model (``align_through``): reminding trains that model, so its
+  inputs are matched to the network they are fed through; BatchNorm's running statistics are the
+  original's either way (the model stays in eval mode).
 """
 
 from __future__ import annotations
@@ -58,10 +59,9 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from unlearning.methods.base import LabelledImages, MethodResult, register
-from unlearning.methods.baselines import BudgetConfig, class_prompts, forget_batch, forget_check, optimise, retain_batch, run_summary
 from unlearning.methods.common import (
     accuracy,
     class_text_features,
@@ -69,12 +69,16 @@ from unlearning.methods.common import (
     sample_batch,
     zero_shot_logits,
 )
+from unlearning.methods.lora import add_lora, merge_lora, weight
+from unlearning.methods.loop import BudgetConfig, class_prompts, forget_batch, forget_check, optimise, retain_batch, run_summary
 from unlearning.metrics import encode_images, prepare_images, zero_shot_classifier
 from unlearning.models import state_copy
 
 
 class ThreeStageConfig(BudgetConfig):
-    """Three-stage hyperparameters; ``lr``/``max_steps``/``batch_size`` budget the forgetting stage."""
+    """Three-stage hyperparameters; ``lr``/``max_steps``/``batch_size`` budget the forgetting stage.
+
+    The values behind each "ours" are in docs/methods.md."""
 
     lr: float = 1e-4
     max_steps: int = 60
@@ -82,25 +86,26 @@ class ThreeStageConfig(BudgetConfig):
     # Stage 1: forgetting
     fisher_samples: int = 64
     fisher_chunk: int = 8
-    # 24 of the 40 layer weights (tiny RN32), reminded for 60 steps: forgetting "red circle" on the val split
-    # (2 seeds) cost its siblings 2.5-4.4 pt, against 10-13.7 pt with 8 tensors and 30 steps.
-    top_k_tensors: int = 24
-    # "red circle", val split with the stop/calibration images drawn from train (2 seeds): margin 0.05 left
-    # 6.2 / 0 % of the subgroup (siblings -1.2 / -3.7 pt), 0.1 left 0 / 0 % (siblings -2.5 / -3.7 pt).
+    top_k_tensors: int = 24  # of the tiny RN's 40 layer weights: fewer cost the siblings more
+    # 0: update the selected tensors in full (ours); > 0: train rank-r LoRA adapters on them, merged at the end
+    lora_rank: int = Field(0, ge=0)
+    lora_alpha: float = 8.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    # "margin" (ours): relu(cos_target - max_other cos + forget_margin); "threshold" (paper): relu(cos_target - forget_threshold)
+    forget_loss: Literal["margin", "threshold"] = "margin"
     forget_margin: float = 0.1
+    forget_threshold: float = 0.0  # δ of the paper's loss (its value is not given)
     # Stage 2: reminding
     remind_steps: int = 60
     remind_lr: float = 1e-4
     distill_weight: float = 1.0
-    # Ours: the KD weight for a subgroup target. "red circle", val split with the calibration images drawn
-    # from train (4 seeds): at 1, other circles drifted to "<colour> square" and the siblings lost 0.6-6.9 pt
-    # at the chosen α; at 5, at most 1.9 pt, the subgroup still at 0 % (infra/soup_curve.py, docs/benchmarks.md).
-    # Classes keep 1: there, KD 5 held retain but left 17 % of the class (H200 sweep, val).
-    subgroup_distill_weight: float = 5.0
+    subgroup_distill_weight: float = 5.0  # ours: the KD weight for a subgroup target (siblings drifted at 1)
     distill_temperature: float = 2.0
-    remind_forget_weight: float = 5.0
+    remind_forget_weight: float = 5.0  # ours; paper 0 (reminds on retain data only)
     remind_scope: Literal["selected", "all"] = "selected"
     ema_decay: float = 0.9
+    # the model the retain images are aligned through: "unlearned" (ours; the model reminding trains)
+    # or "original" (the frozen original, whose BatchNorm statistics the alignment matches)
+    align_through: Literal["unlearned", "original"] = "unlearned"
     align_steps: int = 20
     align_lr: float = 0.05
     align_l2: float = 1e-3
@@ -108,11 +113,40 @@ class ThreeStageConfig(BudgetConfig):
     # Stage 3: restoring
     soup_alphas: list[float] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
     # Ours: a calibration forget image counts as forgotten only when its best other class beats the
-    # target by this cosine margin (0: the zero-shot prediction alone); the second value for a subgroup
-    # target. "red circle", val split as above, KD weight 3: margin 0 left 9.4 / 6.2 % of seeds 0 / 1
-    # (souped to α 0.8 on 0 of 32 calibration images), 0.05 left 0 / 0 %; at KD 5 margins 0-0.05 chose alike.
+    # target by this cosine margin (0: the zero-shot prediction alone); the second value for a subgroup target.
     soup_margin: float = Field(0.0, ge=0.0)
     subgroup_soup_margin: float = Field(0.05, ge=0.0)
+
+    @model_validator(mode="after")
+    def _lora_on_the_selected_tensors(self) -> "ThreeStageConfig":
+        if self.lora_rank and self.remind_scope != "selected":
+            raise ValueError("lora_rank > 0 adapts the Fisher-selected tensors only, and remind_scope='all' would remind "
+                             "every tensor in full — set remind_scope to 'selected', or lora_rank to 0")
+        return self
+
+
+class ThreeStagePaperConfig(ThreeStageConfig):
+    """What we could read of the paper (methods.md 2.2): LoRA on the Fisher-selected layers, the
+    forget loss "similarity below δ", reminding on the retain set (the sibling subgroups) with the
+    CLIP loss, KD and a weight EMA, alignment through the original model, souping on a calibration set.
+
+    The paper gives no rank, δ, KD form, EMA decay, learning rates, step counts or α rule (methods.md 6);
+    those keep our values except: rank 4 with alpha 8 (LoRA on tensors this small), lr 1e-3 for both
+    stages (a LoRA update starts from B = 0 and needs a larger step than full updates), δ = 0, exact
+    per-sample Fisher (``fisher_chunk`` 1), KD weight 1 for every kind, α chosen on the zero-shot
+    prediction alone (no margin).
+    """
+
+    lr: float = 1e-3
+    fisher_chunk: int = 1
+    lora_rank: int = Field(4, ge=0)
+    forget_loss: Literal["margin", "threshold"] = "threshold"
+    remind_lr: float = 1e-3
+    subgroup_distill_weight: float = 1.0
+    remind_forget_weight: float = 0.0
+    sibling_share: float = 1.0  # the paper's retain set is the sibling subgroups
+    align_through: Literal["unlearned", "original"] = "original"
+    subgroup_soup_margin: float = Field(0.0, ge=0.0)
 
 
 def soup(original_state: dict[str, torch.Tensor], unlearned_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -277,33 +311,51 @@ def _train_only(model: torch.nn.Module, names: set[str]):
 
 
 def _forget_similarity_loss(model: torch.nn.Module, tokenizer, data, config: ThreeStageConfig, generator: torch.Generator) -> torch.Tensor:
-    """Stage 1's objective: push each forget image's cosine similarity to the target's prompt down
-    to a floor δ = (its best retained class prompt's similarity - ``forget_margin``), i.e. the mean
-    of relu(cos_target - max_other cos + margin). Zero once every image ranks another class first."""
+    """Stage 1's objective on a batch of forget images, by ``config.forget_loss``:
+
+    - "margin": push each image's cosine similarity to the target's prompt down to a floor δ = its
+      best retained class prompt's similarity - ``forget_margin``, i.e. the mean of
+      relu(cos_target - max_other cos + margin); zero once every image ranks another class first;
+    - "threshold": the paper's, the mean of relu(cos_target - ``forget_threshold``).
+    """
     images = sample_batch(data.forget, config.batch_size, generator).images
     sims = image_features(model, images) @ class_text_features(model, tokenizer, data.classnames, data.templates).T
+    if config.forget_loss == "threshold":
+        return F.relu(sims[:, data.forget_index] - config.forget_threshold).mean()
     return F.relu(margin_over_others(sims, data.forget_index) + config.forget_margin).mean()
 
 
-def _remind(model, original, tokenizer, target, data, config: ThreeStageConfig, params: list[torch.nn.Parameter],
-            generator: torch.Generator, progress, first_step: int) -> tuple[list[dict], str]:
-    """Stage 2: align a retain pool to the BatchNorm statistics, then fine-tune ``params`` on it with
-    the CLIP loss + KD (+ the optional forgetting guard), and keep the EMA of the weights."""
-    pool = retain_batch(target, data, config.align_pool, generator, config.sibling_share)
-    aligned = align_to_batchnorm(model, pool.images, config.align_steps, config.align_lr, config.align_l2, config.batch_size)
+def aligned_pool(model: torch.nn.Module, original: torch.nn.Module, pool: LabelledImages,
+                 config: ThreeStageConfig) -> tuple[LabelledImages, str]:
+    """The retain pool aligned to the BatchNorm statistics through the model ``config.align_through``
+    names (:func:`align_to_batchnorm`), and a line saying what was done."""
+    through = original if config.align_through == "original" else model
+    aligned = align_to_batchnorm(through, pool.images, config.align_steps, config.align_lr, config.align_l2, config.batch_size)
     if aligned is None:
-        alignment = "skipped: no BatchNorm"
-    else:
-        alignment = f"{len(pool)} retain images, {config.align_steps} steps"
-        pool = LabelledImages(aligned, pool.texts, pool.labels)
+        return pool, "skipped: no BatchNorm"
+    return (LabelledImages(aligned, pool.texts, pool.labels),
+            f"{len(pool)} retain images, {config.align_steps} steps, through the {config.align_through} model")
+
+
+def _remind(model, original, tokenizer, target, data, config: ThreeStageConfig, params: list[torch.nn.Parameter],
+            tracked: list[str], generator: torch.Generator, progress, first_step: int) -> tuple[list[dict], str, dict[str, torch.Tensor]]:
+    """Stage 2: align a retain pool to the BatchNorm statistics, then fine-tune ``params`` on it with
+    the CLIP loss + KD (+ the optional forgetting guard).
+
+    Returns:
+        The history, the alignment line, and the EMA of the weights ``tracked`` (parameter names;
+        with LoRA adapters on, of the adapted weights), for the caller to load.
+    """
+    pool, alignment = aligned_pool(model, original, retain_batch(target, data, config.align_pool, generator, config.sibling_share),
+                                   config)
     retained = [c for i, c in enumerate(data.classnames) if i != data.forget_index]
     distill_weight = config.for_kind("distill_weight", target.kind)
-    ema = [p.detach().clone() for p in params]
+    ema = {name: weight(model, name).detach().clone() for name in tracked}
 
     def update_ema():
         with torch.no_grad():
-            for average, p in zip(ema, params):
-                average.lerp_(p, 1 - config.ema_decay)
+            for name, average in ema.items():
+                average.lerp_(weight(model, name), 1 - config.ema_decay)
 
     def reminding_loss():
         batch = sample_batch(pool, config.batch_size, generator)
@@ -317,10 +369,7 @@ def _remind(model, original, tokenizer, target, data, config: ThreeStageConfig, 
 
     history = optimise(params, reminding_loss, config.model_copy(update={"lr": config.remind_lr}), progress=progress,
                        stage="reminding", steps=config.remind_steps, after_step=update_ema, first_step=first_step)
-    with torch.no_grad():
-        for average, p in zip(ema, params):
-            p.copy_(average)
-    return history, alignment
+    return history, alignment, ema
 
 
 def margin_over_others(sims: torch.Tensor, index: int) -> torch.Tensor:
@@ -387,8 +436,11 @@ def _restore(model, original, tokenizer, target, data, threshold: float, config:
     return table
 
 
+_PAPER = "Zhang et al., Targeted Forgetting of Image Subgroups in CLIP Models, CVPR 2025 (arXiv 2506.03117)"
+
+
 @register("three_stage", ThreeStageConfig, target_kinds=("subgroup", "class"), needs_forget_data=True, needs_retain_data=True,
-          needs_original=True, paper="Zhang et al., Targeted Forgetting of Image Subgroups in CLIP Models, CVPR 2025 (arXiv 2506.03117)")
+          needs_original=True, paper=_PAPER)
 def three_stage(model, tokenizer, target, data, config: ThreeStageConfig, original=None, progress=None) -> MethodResult:
     """Forget ``target`` by Fisher-selected forgetting, reminding, and souping (module docstring).
 
@@ -419,13 +471,24 @@ def three_stage(model, tokenizer, target, data, config: ThreeStageConfig, origin
         loss = _forget_similarity_loss(model, tokenizer, data, config, generator)
         return loss, {"forget_similarity_loss": loss}
 
-    with _train_only(model, set(selected)) as params:
-        history = optimise(params, forgetting_step, config, score, threshold, progress, stage="forgetting")
-    seconds["forgetting"] = time.perf_counter() - started
     reminded = set(selected) if config.remind_scope == "selected" else {n for n, p in model.named_parameters() if n != "logit_scale"}
-    with _train_only(model, reminded) as params:
-        reminding, alignment = _remind(model, original, tokenizer, target, data, config, params, generator, progress,
-                                       first_step=history[-1]["step"])
+    trained = set(selected)
+    try:
+        if config.lora_rank:  # only the adapters train, in both stages; merged before souping
+            adapters = add_lora(model, selected, config.lora_rank, config.lora_alpha, generator)
+            trained = {n for n, p in model.named_parameters() if any(p is a for a in adapters)}
+        with _train_only(model, trained) as params:
+            history = optimise(params, forgetting_step, config, score, threshold, progress, stage="forgetting")
+        seconds["forgetting"] = time.perf_counter() - started
+        # Stage 2 (see _remind), on the same adapters where there are any.
+        with _train_only(model, trained if config.lora_rank else reminded) as params:
+            reminding, alignment, ema = _remind(model, original, tokenizer, target, data, config, params, sorted(reminded),
+                                                generator, progress, first_step=history[-1]["step"])
+    finally:
+        merge_lora(model)  # a plain open_clip model again, whatever happened
+    with torch.no_grad():  # the weight EMA becomes the model
+        for name, average in ema.items():
+            model.get_parameter(name).copy_(average)
     history += reminding
     seconds["reminding"] = time.perf_counter() - started - seconds["forgetting"]
 
@@ -437,7 +500,12 @@ def three_stage(model, tokenizer, target, data, config: ThreeStageConfig, origin
             progress(history[-1])
     best = next(row for row in table if row["chosen"])
     summary = run_summary(history, threshold, started)
-    summary.update(selected_tensors={n: round(ranking[n], 3) for n in selected}, alignment=alignment, alpha=best["alpha"],
+    summary.update(selected_tensors={n: round(ranking[n], 3) for n in selected}, lora_rank=config.lora_rank, alignment=alignment,
+                   alpha=best["alpha"],
                    soup=table, forget_accuracy=best["forget_accuracy"], stopped=best["forget_accuracy"] <= threshold,
                    stage_seconds={k: round(v, 2) for k, v in seconds.items()})
     return MethodResult(model, history, summary)
+
+
+register("three_stage:paper", ThreeStagePaperConfig, target_kinds=("subgroup", "class"), needs_forget_data=True,
+         needs_retain_data=True, needs_original=True, paper=f"{_PAPER} (as far as the paper can be read)")(three_stage)
