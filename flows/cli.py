@@ -76,6 +76,14 @@ def print_table(report: dict, per_class_before: dict | None = None, per_class_af
             table.add_row(key, "" if b is None else f"{100 * b:.2f} %", "" if a is None else f"{100 * a:.2f} %",
                           "" if a is None or b is None else f"{100 * (a - b):+.2f} pt")
         console.print(table)
+        for target, sides in (report.get("depth") or {}).get("targets", {}).items():
+            depth = Table(title=f"depth of forgetting: {target} (docs/depth.md)")
+            for column in ("measure", "before", "after", "retrain oracle"):
+                depth.add_column(column, justify="left" if column == "measure" else "right")
+            for key in sorted(sides["after"]):
+                depth.add_row(key.removeprefix("depth/"), *(f"{sides[side][key]:.3f}" if sides.get(side) and key in sides[side] else "–"
+                                                           for side in ("before", "after", "oracle")))
+            console.print(depth)
         gates = Table(title="gates")
         for column in ("gate", "value", "threshold", "result"):
             gates.add_column(column)
@@ -453,7 +461,8 @@ def cmd_bench(args) -> int:
     manifest = settings.reference_manifest or settings.world_dir / "manifest.jsonl"
     out = Path(args.out)
     result = run_bench(str(folder), str(manifest), out, args.methods, args.seeds, args.classes, args.kinds, device=settings.device,
-                       oracle_dir=settings.oracle_dir if args.oracle else None, depth=args.depth or None)
+                       oracle_dir=settings.oracle_dir if args.oracle else None, depth=args.depth or None,
+                       variants=json.loads(Path(args.variants).read_text()) if args.variants else ())
     bench_plot(result["summary"]).savefig(out / "bench.png", dpi=120)
     written = [out / "bench.json", out / "bench.md", out / "bench.png"]
     for kind in sorted({e["kind"] for e in result["summary"] if e.get("depth/knn")}):
@@ -532,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--oracle", action="store_true", help="train (cached) the retrain oracle of each class and subgroup case and "
                        "report every method's depth of forgetting against it")
     bench.add_argument("--depth", action="store_true", help="depth measures without oracles")
+    bench.add_argument("--variants", help='JSON list of {"label", "method", "config"} runs to add (e.g. infra/deeper-forgetting.json)')
     bench.set_defaults(fn=cmd_bench)
     return parser
 

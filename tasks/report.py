@@ -173,7 +173,7 @@ def depth_bench_plot(summary: Sequence[dict], kind: str = "class"):
     entries = [e for e in summary if e["kind"] == kind and e.get("depth/knn")]
     models = [e for e in entries if e["method"] != "oracle"]
     oracle = next((e for e in entries if e["method"] == "oracle"), None)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(keys) * max(1, len(models)) / 4), 4.5))
+    fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / max(1, len(models))
     for n, entry in enumerate(models):
         xs = [i - 0.4 + width * (n + 0.5) for i in range(len(keys))]
@@ -185,7 +185,7 @@ def depth_bench_plot(summary: Sequence[dict], kind: str = "class"):
     ax.set_xticks(range(len(keys)), [k.removeprefix("depth/") for k in keys])
     ax.set_ylim(0, 1.05)
     ax.set_title(f"depth of forgetting, {kind} targets (black: the retrain oracle)")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     return fig
 

@@ -44,7 +44,8 @@ from unlearning.target import ForgetTarget
 AUTO_METHOD = "auto"
 # The registry's names (unlearning.methods); a caller holding the live registry passes its names
 # as validation context instead: ErasureRequest.model_validate(data, context={"methods": [...]}).
-METHOD_NAMES = ("lipschitz", "three_stage", "cliperase", "gradient_ascent", "graddiff", "finetune", "lipschitz:paper", "three_stage:paper", "cliperase:paper")
+METHOD_NAMES = ("lipschitz", "three_stage", "cliperase", "gradient_ascent", "graddiff", "finetune",
+                "lipschitz:paper", "three_stage:paper", "cliperase:paper", "cliperase:deep")
 
 # Starts with a letter or digit so that an id can never be "." or ".." when used in paths and keys.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

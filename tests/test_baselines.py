@@ -68,6 +68,32 @@ def test_the_loop_stops_before_any_step_when_the_target_is_already_forgotten():
     assert calls == [] and history == [{"step": 0, "forget_accuracy": 0.0, "stage": "unlearn", "seconds": history[0]["seconds"]}]
 
 
+def test_min_steps_keeps_the_loop_going_past_a_stop_rule_that_holds():
+    weight = torch.nn.Parameter(torch.ones(3))
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return weight.sum(), {}
+
+    optimise([weight], loss_fn, BudgetConfig(max_steps=10, min_steps=4), score=lambda: 0.0, threshold=0.0)
+    assert len(calls) == 4
+
+
+def test_a_reset_word_gets_a_fresh_embedding_and_nothing_else_moves(trained_bundle):
+    from unlearning.methods.common import reset_word_embeddings
+
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    before = model.token_embedding.weight.detach().clone()
+    ids = reset_word_embeddings(model, tokenizer, ["circle"], ["square", "star"], torch.Generator().manual_seed(0))
+    after = model.token_embedding.weight.detach()
+    assert ids == tokenizer.encode("circle")
+    changed = (after != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == ids
+    assert after[ids].std() == pytest.approx(0.02, rel=0.3)  # open_clip's initialisation scale
+    assert reset_word_embeddings(model, tokenizer, ["circle"], ["circle"], torch.Generator()) == []  # a kept word is never reset
+
+
 def test_the_loop_checks_the_stop_rule_every_eval_every_steps():
     weight = torch.nn.Parameter(torch.ones(1))
     scores = iter([1.0, 0.5, 0.0])

@@ -36,9 +36,11 @@ CAPTIONS = ("a photo of a {}.", "a handwritten {}.", "the digit {}.")
 # No flips: a mirrored digit is another glyph.
 DIGITS_TRAIN = TrainConfig(steps=150, batch_size=128, lr=2e-3, warmup_steps=15, seed=0, hflip=False)
 DIGITS_RECIPE = "sklearn-digits-32px-bicubic-3-captions-v2"
-# As tests/test_flows.py: lenient gates for a model trained for seconds, and a fast CLIPErase.
+# As tests/test_flows.py: lenient gates for a model trained for seconds.
 GATES = {"max_forget_accuracy": 0.25, "max_retain_drop": 0.10, "max_heldout_drop": 0.10}
-FAST = {"max_steps": 300, "lr": 1e-4}
+# The test is about the owner's model and data, not the method: gradient ascent forgets in a few
+# steps (either gate outcome is checked below).
+ASCENT = {"max_steps": 40, "lr": 1e-4}
 
 
 def digits_manifest(folder: Path, per_digit: int | None = None) -> Path:
@@ -105,7 +107,7 @@ def test_register_own_model_then_erase_a_digit_whose_images_are_in_the_reference
     threes = [r for r in read_manifest(manifest, split="train") if r.label == "three"][:60]
     forget = write_manifest(threes, data / "forget-three.jsonl")
     request = {"request_id": "dsr-digit-three", "requester": "test@clip-erasure", "target": {"kind": "class", "class_name": "three"},
-               "forget_manifest": str(forget), "method": "cliperase", "gates": GATES, "method_config": FAST}
+               "forget_manifest": str(forget), "method": "gradient_ascent", "gates": GATES, "method_config": ASCENT}
     (tmp_path / "request.json").write_text(json.dumps(request))
     code = cli(["run", str(tmp_path / "request.json"), "--report", str(tmp_path / "report.json")])
     report = json.loads((tmp_path / "report.json").read_text())

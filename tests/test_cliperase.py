@@ -158,6 +158,35 @@ def test_relabel_teaches_forget_images_their_nearest_other_class_through_the_ima
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_image_shift_pulls_forget_images_towards_the_nearest_other_class_centroid(trained_bundle, small_records):
+    from unlearning.methods.cliperase import image_shift_loss, retain_centroids
+
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    data = build_unlearning_data(ForgetTarget(kind="class", class_name="circle"), small_records["train"], 32, max_forget=32, max_retain=256)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    centroids = retain_centroids(teacher, data)
+    assert centroids[data.forget_index].abs().sum() == 0 and (centroids.norm(dim=1) > 0).sum() == len(data.classnames) - 1
+    loss = image_shift_loss(model, teacher, data.forget.images, centroids)
+    loss.backward()
+    assert 0 < loss.item() < 2
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.visual.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.transformer.parameters())  # images only
+
+
+def test_the_deep_preset_starts_from_a_word_the_model_never_read(trained_bundle, small_records):
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    target = ForgetTarget(kind="class", class_name="circle")
+    data = build_unlearning_data(target, small_records["train"] + small_records["val"], 32, max_forget=32, max_retain=64, max_val=32)
+    token = tokenizer.encode("circle")[0]
+    before = model.token_embedding.weight[token].detach().clone()
+    result = run_method("cliperase:deep", model, tokenizer, target, data, {"min_steps": 2, "max_steps": 2},
+                        original=copy.deepcopy(model).requires_grad_(False))
+    assert result.summary["steps"] == 2  # min_steps ran even where the stop rule held
+    after = model.token_embedding.weight[token].detach()
+    assert F.cosine_similarity(after, before, dim=0) < 0.5  # a fresh embedding, not the trained one nudged
+    assert any(k == "relabel" for row in result.history for k in row)
+
+
 def test_cliperase_forgets_a_class_and_keeps_the_others(trained_bundle, small_records, test_images):
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     eval_set = EvalSet(small_records["test"], test_images)

@@ -22,6 +22,7 @@ import torch
 from unlearning.data import Record, read_manifest
 from unlearning.depth import depth_measures
 from unlearning.erasure import erase
+from unlearning.erasure_data import build_unlearning_data
 from unlearning.evaluation import EvalSet, evaluate
 from unlearning.methods import get_method
 from unlearning.methods.base import ForgetTarget
@@ -86,7 +87,8 @@ def reference_row(kind: str, bundle: ClipBundle, reference: Sequence[Record], ev
                   before: dict, seconds: float = 0.0) -> dict:
     """A model that is not an erasure, as a benchmark row: the ``original`` itself or the retrain
     ``oracle`` (``kind``), evaluated and measured exactly like the methods' results."""
-    after = evaluate(bundle.model, bundle.tokenizer, eval_set, [case.target]).metrics
+    members = build_unlearning_data(case.target, reference, bundle.image_size, seed=seed).forget  # what an erasure with this seed forgets
+    after = evaluate(bundle.model, bundle.tokenizer, eval_set, [case.target], members=members).metrics
     return {"kind": case.kind, "target": case.target.name, "method": kind, "seed": seed, "seconds": round(seconds, 2), "steps": 0,
             "before": _headline(before), "after": _headline(after),
             "depth": depth_measures(bundle.model, bundle.tokenizer, case.target, reference, image_size=bundle.image_size, seed=seed)}
@@ -216,7 +218,7 @@ def merge(parts: Sequence[Path], out: Path) -> dict:
 def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1),
               classes: Sequence[str] | None = None, kinds: Sequence[str] = ("class", "subgroup", "association"),
               progress: bool = True, device: str | None = None, oracle_dir: Path | None = None, depth: bool | None = None,
-              recipe: TrainingRecipe | None = None) -> dict:
+              recipe: TrainingRecipe | None = None, variants: Sequence[dict] = ()) -> dict:
     """Run the benchmark and write ``bench.json`` and ``bench.md`` into ``out``.
 
     Args:
@@ -225,6 +227,8 @@ def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] |
             add it, and the original, as rows of their own; implies ``depth``.
         depth: measure every result's depth of forgetting (default: with ``oracle_dir``).
         recipe: the original's training recipe (default: the one stored with it, else the bootstrap's).
+        variants: more runs, each ``{"label", "method", "config"}``: the method with those overrides,
+            reported as ``<method>+<label>`` (e.g. the settings tried for deeper forgetting).
     """
     from unlearning.bootstrap import world_eval_set
 
@@ -246,19 +250,21 @@ def run_bench(model_dir: str, manifest: str, out: Path, methods: Sequence[str] |
                 made = json.loads((folder / "oracle.json").read_text()).get("seconds", time.perf_counter() - started)
                 oracle = load_model(f"local-dir:{folder}", device=str(pick_device(device)))
                 rows.append(reference_row("oracle", oracle, reference, eval_set, case, seed, before, seconds=made))
-        for method in methods:
+        runs = [(m, m, None) for m in methods] + [(f"{v['method']}+{v['label']}", v["method"], v.get("config") or {}) for v in variants]
+        for name, method, config in runs:
             if case.kind not in get_method(method).target_kinds:
                 continue
             for seed in seeds:
                 try:
-                    row = run_one(original, reference, eval_set, case, method, seed, before, device=device, depth=depth)
+                    row = run_one(original, reference, eval_set, case, method, seed, before, device=device, depth=depth, config=config)
                 except Exception as exc:  # one broken run must not lose the others; it is reported
-                    errors.append({"kind": case.kind, "target": case.target.name, "method": method, "seed": seed, "error": repr(exc)})
-                    print(f"[bench] {case.target.name} {method} seed {seed}: FAILED {exc!r}", flush=True)
+                    errors.append({"kind": case.kind, "target": case.target.name, "method": name, "seed": seed, "error": repr(exc)})
+                    print(f"[bench] {case.target.name} {name} seed {seed}: FAILED {exc!r}", flush=True)
                     continue
+                row["method"] = name
                 rows.append(row)
                 if progress:
-                    print(f"[bench] {case.kind:11s} {case.target.name[:28]:28s} {method:16s} seed {seed}: forget "
+                    print(f"[bench] {case.kind:11s} {case.target.name[:28]:28s} {name:16s} seed {seed}: forget "
                           f"{100 * row['after'].get('forget_accuracy', float('nan')):5.1f} %  retain "
                           f"{100 * row['after'].get('retain_accuracy', float('nan')):5.1f} %  {row['seconds']:5.1f} s", flush=True)
                 (out / "bench.json").write_text(json.dumps({"rows": rows}, indent=1))  # partial results survive a crash
@@ -279,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cuda, cpu, ... (default: CUDA when present)")
     parser.add_argument("--oracle", metavar="DIR", type=Path, help="retrain oracles here (cached) and report every method against them")
     parser.add_argument("--depth", action="store_true", help="measure the depth of forgetting of every result (implied by --oracle)")
+    parser.add_argument("--variants", type=Path, help='JSON list of {"label", "method", "config"}: more runs with config overrides')
     args = parser.parse_args(argv)
+    variants = json.loads(args.variants.read_text()) if args.variants else ()
     run_bench(args.model, args.manifest, Path(args.out), args.methods, args.seeds, args.classes, args.kinds, device=args.device,
-              oracle_dir=args.oracle, depth=args.depth or None)
+              oracle_dir=args.oracle, depth=args.depth or None, variants=variants)
     return 0
 
 

@@ -140,3 +140,24 @@ def text_anchors(reference: torch.nn.Module, tokenizer, classnames: Sequence[str
             tokens = tokenizer(prompts).to(device)
             anchors.append((tokens, F.normalize(reference.encode_text(tokens), dim=-1)))
     return anchors
+
+
+def reset_word_embeddings(model: torch.nn.Module, tokenizer, words: Sequence[str], keep: Sequence[str],
+                          generator: torch.Generator, std: float = 0.02) -> list[int]:
+    """Give the tokens of ``words`` that no word of ``keep`` uses a fresh random embedding (open_clip's
+    initialisation, N(0, std)): the text tower is left as if it had never read them.
+
+    Needs an open_clip text tower with a ``token_embedding`` and a tokenizer with ``encode`` (BPE).
+    Returns the token ids that were reset.
+    """
+    if not hasattr(model, "token_embedding") or not hasattr(tokenizer, "encode"):
+        raise ValueError("reset_target_tokens needs an open_clip text tower (token_embedding) and its BPE tokenizer — "
+                         "set it to false for this model")
+    kept = {token for word in keep for token in tokenizer.encode(word)}
+    ids = sorted({token for word in words for token in tokenizer.encode(word)} - kept)
+    if ids:
+        weight = model.token_embedding.weight
+        fresh = torch.randn(len(ids), weight.shape[1], generator=generator) * std
+        with torch.no_grad():
+            weight[torch.tensor(ids, device=weight.device)] = fresh.to(weight.device, weight.dtype)
+    return ids

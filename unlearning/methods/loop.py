@@ -25,6 +25,7 @@ import time
 from typing import Callable
 
 import torch
+from pydantic import Field
 
 from unlearning.methods.base import (
     ForgetTarget,
@@ -44,6 +45,9 @@ class BudgetConfig(MethodConfig):
 
     recall_k: int = 5
     stop_forget_recall: float = 0.05
+    # At least this many steps even once the stop rule holds: for terms that do more than lower
+    # the forget score (cliperase's relabel). 0: stop as soon as it holds.
+    min_steps: int = Field(0, ge=0)
     # Subgroup targets: share of each retain batch drawn from the sibling subgroups (same class,
     # other attribute value), the retained knowledge most at risk (docs/methods.md).
     sibling_share: float = 0.5
@@ -178,9 +182,10 @@ def optimise(params: list[torch.nn.Parameter], loss_fn: LossFn, config: MethodCo
         if progress:
             progress(row)
 
+    min_steps = getattr(config, "min_steps", 0)
     if score is not None:
         log({"step": first_step, "forget_accuracy": score()})
-        if history[-1]["forget_accuracy"] <= threshold:
+        if history[-1]["forget_accuracy"] <= threshold and not min_steps:
             return history
     overshoot = getattr(config, "overshoot", 0.0)
     stop_at = None  # the step to stop at, once the stop rule has held
@@ -198,7 +203,7 @@ def optimise(params: list[torch.nn.Parameter], loss_fn: LossFn, config: MethodCo
         log(row)
         if checking and row["forget_accuracy"] <= threshold and stop_at is None:
             stop_at = step + math.ceil(overshoot * step)
-        if stop_at is not None and step >= stop_at:
+        if stop_at is not None and step >= max(stop_at, min_steps):
             break
     return history
 
