@@ -21,9 +21,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-# Idle OpenMP threads sleep instead of spinning: the suite runs servers and subprocesses beside
-# torch on 2 cores, where spinning threads slowed small torch ops 5-15x (measured on a loaded machine).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The depth evidence of every erasure (tasks/depth.py) costs seconds per model; the tests that
 # check it switch it on, the orchestration tests do without.
 os.environ.setdefault("ERASURE_DEPTH_EVIDENCE", "false")

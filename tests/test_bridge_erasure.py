@@ -38,7 +38,7 @@ def test_versioned_lake_deletion_is_erased_and_its_versions_deleted(moto_env, st
     moto.s3.put_object(Bucket=bucket, Key="users/manifest.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
     bridge = BridgeSettings(bucket=bucket, prefix="users/", manifest=f"s3://{bucket}/users/manifest.jsonl",
                             queue_url=f"{moto.endpoint_url}/123456789012/{bucket}-q", debounce_s=0, wait_time_s=1,
-                            method="cliperase", method_config={"max_steps": 300, "lr": 1e-4, "batch_size": 32, "forget_batch_size": 16})
+                            method="cliperase", method_config={"max_steps": 200, "lr": 3e-4, "batch_size": 32, "forget_batch_size": 16, "forget_weight": 10.0})
     ensure_queue(bridge, settings)
 
     # A user's images are deleted: delete markers, and no notification (moto sends none for versioned deletes).

@@ -91,17 +91,22 @@ def test_failing_gate_registers_rejected_and_keeps_champion(store, monkeypatch):
 
 
 def test_guard_rolls_back_and_reopens_the_requests(store, monkeypatch):
-    promoted = erasure_flow(request("req-guarded"))
+    # A quick promotion under open gates (four fine-tuning steps): the guard is what is tested, and
+    # the circle it promised to forget is still known, which the guard's forget check must catch.
+    open_gates = {"max_forget_accuracy": 1.0, "max_retain_drop": 1.0, "max_heldout_drop": 1.0}
+    promoted = erasure_flow(request("req-guarded", method="finetune", method_config={"max_steps": 4}, gates=open_gates))
     assert promoted.status == "promoted"
     monkeypatch.setenv("ERASURE_MIN_RETAIN_ACCURACY", "0.3")  # the small test model's level
-    monkeypatch.setenv("ERASURE_MAX_FORGET_ACCURACY", str(GATES["max_forget_accuracy"]))
+    monkeypatch.setenv("ERASURE_MAX_FORGET_ACCURACY", "1.0")
     get_settings.cache_clear()
     assert guard_flow()["passed"]
 
     monkeypatch.setenv("ERASURE_MIN_RETAIN_ACCURACY", "0.999")  # the regression suite now demands more
+    monkeypatch.setenv("ERASURE_MAX_FORGET_ACCURACY", str(GATES["max_forget_accuracy"]))  # and the circle must be gone
     get_settings.cache_clear()
     verdict = guard_flow()
     assert not verdict["passed"] and verdict["rollback"]["champion"] == "1"
+    assert [f.split()[0] for f in verdict["failures"]] == ["retain", "forget"]
     assert aliases(store)["champion"] == "1" and aliases(store)["previous"] != promoted.model_version
     rolled = MlflowClient().get_model_version(store.model_name, promoted.model_version)
     assert rolled.tags["status"] == "rolled_back"
