@@ -405,26 +405,32 @@ def _precision_line(settings) -> str:
     return f"training {train.dtype} ({train.reason}); unlearning and evaluation {unlearn.dtype} on {device}"
 
 
-def cmd_oracle(args) -> int:
-    """Train (or find cached) the retrain oracles of the embedded world: the champion's recipe from
-    scratch without each target's images (unlearning/oracle.py)."""
+def _embedded_champion(settings, prefix: str) -> Path:
+    """Version 1 of the model (the bootstrapped embedded champion, trained first if needed), downloaded."""
     import tempfile
 
     from flows.bootstrap import bootstrap_flow
     from tasks import registry
     from tasks.registry import configure_mlflow
+
+    configure_mlflow(settings)
+    bootstrap_flow()
+    return registry.download_version(settings.model_name, "1", Path(tempfile.mkdtemp(prefix=prefix)))
+
+
+def cmd_oracle(args) -> int:
+    """Train (or find cached) the retrain oracles of the embedded world: the champion's recipe from
+    scratch without each target's images (unlearning/oracle.py)."""
     from unlearning.oracle import TrainingRecipe, read_recipe, train_oracle
     from unlearning.target import ForgetTarget
 
     settings = _settings()
-    configure_mlflow(settings)
-    bootstrap_flow()
-    folder = registry.download_version(settings.model_name, "1", Path(tempfile.mkdtemp(prefix="oracle-recipe-")))
+    folder = _embedded_champion(settings, "oracle-recipe-")
     recipe = read_recipe(folder)
     if recipe is None:
         _console().print("version 1 has no training_recipe.json (bootstrapped before recipes were stored): using the bootstrap's defaults")
         recipe = TrainingRecipe()
-    manifest = settings.reference_manifest or settings.world_dir / "manifest.jsonl"
+    manifest = settings.reference_manifest_path
     if args.subgroup and "=" not in args.subgroup:
         _console().print(f"--subgroup: {args.subgroup!r} is not ATTRIBUTE=VALUE — use e.g. --subgroup colour=red")
         return 1
@@ -445,20 +451,13 @@ def cmd_oracle(args) -> int:
 
 def cmd_bench(args) -> int:
     """Benchmark every method on the registered champion (bootstrapped first if needed)."""
-    import tempfile
-
-    from flows.bootstrap import bootstrap_flow
-    from tasks import registry
-    from tasks.registry import configure_mlflow
     from tasks.report import bench_plot, depth_bench_plot
     from unlearning.bench import run_bench
 
     settings = _settings()
-    configure_mlflow(settings)
-    bootstrap_flow()
     # version 1 is the bootstrapped embedded model: every method starts from it, before any erasure
-    folder = registry.download_version(settings.model_name, "1", Path(tempfile.mkdtemp(prefix="bench-champion-")))
-    manifest = settings.reference_manifest or settings.world_dir / "manifest.jsonl"
+    folder = _embedded_champion(settings, "bench-champion-")
+    manifest = settings.reference_manifest_path
     out = Path(args.out)
     result = run_bench(str(folder), str(manifest), out, args.methods, args.seeds, args.classes, args.kinds, device=settings.device,
                        oracle_dir=settings.oracle_dir if args.oracle else None, depth=args.depth or None,

@@ -48,16 +48,12 @@ class DepthEvidence:
         return {"targets": self.targets, "oracle": self.oracle_version, "seconds": round(self.seconds, 2)}
 
 
-def manifest_of(settings: ErasureSettings) -> Path:
-    return Path(settings.reference_manifest or settings.world_dir / "manifest.jsonl")
-
-
 def find_oracle(settings: ErasureSettings, champion_folder: Path, targets) -> Path | None:
     """The cached oracle for every target the candidate carries, trained with the champion's recipe
     on its reference data; None when the champion has no recipe (a model trained elsewhere) or no
     oracle is cached."""
     recipe = read_recipe(champion_folder)
-    manifest = manifest_of(settings)
+    manifest = settings.reference_manifest_path
     if recipe is None or not manifest.exists():
         return None
     return cached_oracle(settings.oracle_dir, recipe, manifest, targets, settings.device)

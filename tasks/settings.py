@@ -101,6 +101,11 @@ class ErasureSettings(BaseSettings):
     # A running attempt's lease: unrenewed this long (the process died), it reads as failed.
     lease_seconds: float = Field(default=120, gt=0)
 
+    @property
+    def reference_manifest_path(self) -> Path:
+        """The reference data's manifest: the configured one, else the generated world's."""
+        return Path(self.reference_manifest or self.world_dir / "manifest.jsonl")
+
     @field_validator("heldout_suite")
     @classmethod
     def _known_suite(cls, value: str) -> str:

@@ -235,12 +235,18 @@ def cliperase_terms(model: torch.nn.Module, original: torch.nn.Module, tokenizer
     return terms
 
 
-def relabel_loss(model: torch.nn.Module, original: torch.nn.Module, tokenizer, images: torch.Tensor, data) -> torch.Tensor:
+def relabel_loss(model: torch.nn.Module, original: torch.nn.Module, tokenizer, images: torch.Tensor, data,
+                 original_classes: torch.Tensor | None = None) -> torch.Tensor:
     """Zero-shot cross-entropy of forget ``images`` against, for each, the frozen original's best
-    class among those not forgotten (ours: the image tower learns where the class's images go)."""
+    class among those not forgotten (ours: the image tower learns where the class's images go).
+
+    ``original_classes``: the original's class embeddings, computed once by a caller that loops
+    (they never change); computed here when not given."""
     forgotten = torch.tensor(sorted(set(data.forget_indices)), dtype=torch.long)
     with torch.no_grad():
-        logits = zero_shot_logits(original, images, class_text_features(original, tokenizer, data.classnames, data.templates))
+        if original_classes is None:
+            original_classes = class_text_features(original, tokenizer, data.classnames, data.templates)
+        logits = zero_shot_logits(original, images, original_classes)
         logits[:, forgotten.to(logits.device)] = float("-inf")
         nearest_other = logits.argmax(dim=1)
     own = zero_shot_logits(model, images, class_text_features(model, tokenizer, data.classnames, data.templates))
@@ -315,6 +321,10 @@ def cliperase(model, tokenizer, target, data, config: CLIPEraseConfig, original=
     use_feature_consistency = bool(config.feature_consistency_weight)
     use_attribute_consistency = bool(config.attribute_consistency_weight) and target.kind == "class" and hasattr(tokenizer, "decode")
     use_relabel = bool(config.forget_relabel_weight) and target.kind == "class"
+    original_classes = None
+    if use_relabel:
+        with torch.no_grad():
+            original_classes = class_text_features(original, tokenizer, data.classnames, data.templates)
     centroids = (retain_centroids(original, data) if config.forget_image_shift_weight and target.kind == "class" else None)
 
     def loss_fn():
@@ -335,7 +345,7 @@ def cliperase(model, tokenizer, target, data, config: CLIPEraseConfig, original=
                                 feature_consistency=use_feature_consistency, attribute_texts=attribute_texts)
         loss = sum(weights[k] * v for k, v in terms.items())
         if use_relabel:
-            terms["relabel"] = relabel_loss(model, original, tokenizer, forget_images, data)
+            terms["relabel"] = relabel_loss(model, original, tokenizer, forget_images, data, original_classes)
             loss = loss + config.forget_relabel_weight * terms["relabel"]
         if centroids is not None:
             terms["image_shift"] = image_shift_loss(model, original, forget_images, centroids)
