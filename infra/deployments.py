@@ -5,7 +5,9 @@ Two renderings of the same list:
 - :func:`deployments` builds them for ``serve()`` on one host (``erasure serve``, or
   ``python -m infra.deployments``);
 - :func:`prefect_yaml` renders ``infra/prefect.yaml`` for ``prefect deploy --all`` on work pools
-  (``python -m infra.deployments --write-yaml``; a test checks that the file on disk is current).
+  (``python -m infra.deployments --write-yaml``; a test checks that the file on disk is current);
+- :func:`deploy_to_work_pools` registers them on process work pools from Python, code read from a
+  local checkout (``python -m infra.deployments --work-pools``).
 
 The deployments:
 
@@ -40,6 +42,7 @@ import yaml
 from tasks.events import REQUEST_RECEIVED
 
 YAML_PATH = Path(__file__).with_name("prefect.yaml")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TAGS = ["clip-erasure"]
 
 
@@ -100,22 +103,71 @@ def _flow(spec: Deployment):
     return {"erasure-batch": batch_flow, "guard": guard_flow, "purge": purge_flow}[spec.flow_name]
 
 
-def deployments(specs: list[Deployment] | None = None) -> list:
-    """The deployments as Prefect ``RunnerDeployment`` objects, for ``serve()``."""
+def _when(spec: Deployment) -> dict:
+    """The ``schedules``/``triggers`` arguments of ``to_deployment`` for ``spec``."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
-    built = []
-    for spec in specs or definitions():
-        options = {}
-        if spec.cron:
-            options["schedules"] = [Cron(spec.cron, timezone="UTC")]
-        if spec.on_event:
-            trigger = _trigger(spec)
-            options["triggers"] = [DeploymentEventTrigger(expect=set(trigger["expect"]), match=trigger["match"],
-                                                          parameters=trigger["parameters"])]
-        built.append(_flow(spec).to_deployment(name=spec.name, tags=TAGS, description=spec.description, **options))
-    return built
+    options = {}
+    if spec.cron:
+        options["schedules"] = [Cron(spec.cron, timezone="UTC")]
+    if spec.on_event:
+        trigger = _trigger(spec)
+        options["triggers"] = [DeploymentEventTrigger(expect=set(trigger["expect"]), match=trigger["match"],
+                                                      parameters=trigger["parameters"])]
+    return options
+
+
+def deployments(specs: list[Deployment] | None = None) -> list:
+    """The deployments as Prefect ``RunnerDeployment`` objects, for ``serve()``."""
+    return [_flow(spec).to_deployment(name=spec.name, tags=TAGS, description=spec.description, **_when(spec))
+            for spec in specs or definitions()]
+
+
+def deploy_to_work_pools(specs: list[Deployment] | None = None, pool: str | None = None,
+                         code_dir: str | Path | None = None) -> dict[str, str]:
+    """Register the deployments with the Prefect server at ``PREFECT_API_URL``, each on its process
+    work pool (created when missing), as ``prefect deploy --all`` does with ``prefect.yaml``.
+
+    Workers run them with ``prefect worker start --pool NAME --type process``, from ``code_dir``.
+
+    Args:
+        pool: one work pool for all of them instead of each definition's own (``gpu``/``cpu``).
+        code_dir: where workers find the code (the flow runs' working directory); default this checkout.
+
+    Returns:
+        ``{"erasure-batch/on-event": deployment id, ...}``.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.runner.storage import LocalStorage
+    from prefect.settings import get_current_settings
+    from prefect.workers.process import ProcessWorker
+
+    if not get_current_settings().api.url:
+        raise ValueError("PREFECT_API_URL is not set: work pools need a Prefect server, e.g. "
+                         "PREFECT_API_URL=http://127.0.0.1:4200/api after `prefect server start`")
+    specs = specs or definitions()
+    code = Path(code_dir or REPO_ROOT).resolve()
+    if not all((code / spec.flow.split(":")[0]).is_file() for spec in specs):
+        raise ValueError(f"code_dir {code} does not hold the flows (e.g. flows/batch.py): give the repository root")
+    with get_client(sync_client=True) as client:
+        for name in sorted({pool or spec.work_pool for spec in specs}):
+            try:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process",
+                                                       base_job_template=ProcessWorker.get_default_base_job_template()))
+            except ObjectAlreadyExists:  # made earlier, or by a worker that started first
+                pass
+    registered = {}
+    for spec in specs:
+        deployment = _flow(spec).to_deployment(name=spec.name, tags=TAGS, description=spec.description,
+                                               work_pool_name=pool or spec.work_pool, **_when(spec))
+        # Workers load the entrypoint from the code folder (a set_working_directory pull step).
+        deployment.entrypoint = spec.flow
+        deployment.storage = LocalStorage(path=str(code))
+        registered[spec.full_name] = str(deployment.apply())
+    return registered
 
 
 def prefect_yaml(specs: list[Deployment] | None = None) -> str:
@@ -143,11 +195,20 @@ def prefect_yaml(specs: list[Deployment] | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.deployments", description=__doc__.splitlines()[0])
     parser.add_argument("--write-yaml", action="store_true", help=f"write {YAML_PATH.name} from the definitions and exit")
+    parser.add_argument("--work-pools", action="store_true",
+                        help="register the deployments on process work pools at PREFECT_API_URL (code: this checkout) and exit")
+    parser.add_argument("--pool", help="with --work-pools: one pool for all deployments instead of gpu/cpu")
     args = parser.parse_args(argv)
     if args.write_yaml:
         YAML_PATH.write_text(prefect_yaml())
         print(f"wrote {YAML_PATH}")
         return 0
+    if args.work_pools:
+        for name, deployment_id in deploy_to_work_pools(pool=args.pool).items():
+            print(f"registered {name} ({deployment_id})")
+        return 0
+    if args.pool:
+        parser.error("--pool goes with --work-pools")
     from prefect import serve
 
     serve(*deployments())

@@ -1,8 +1,9 @@
 """Fixtures for real local services (S3 via SeaweedFS, MLflow, Prefect), loaded by conftest.py.
 
 Servers run as subprocesses on free loopback ports, are polled until they answer (no blind
-sleeps) and are stopped, SIGTERM then SIGKILL, when their scope ends. None of them skips: a
-server that cannot start fails its tests with the reason and the tail of its log.
+sleeps) and are stopped, SIGTERM then SIGKILL, when their scope ends. None of them skips except
+Postgres where it is not installed: a server that cannot start fails its tests with the reason
+and the tail of its log.
 
 - ``s3_server`` (session): SeaweedFS ``weed mini``; ``s3_env`` points one test's AWS and
   ``ERASURE_S3_*`` variables at it.
@@ -12,6 +13,8 @@ server that cannot start fails its tests with the reason and the tail of its log
 - ``prefect_harness`` (session, opt-in): Prefect's temporary test server.
 - ``moto_server`` (session): moto's server, S3 and SQS in one process (S3 bucket notifications
   reach its queues); ``moto_env`` points one test's AWS and ``ERASURE_S3_*`` variables at it.
+- ``postgres_server`` (module): a throwaway PostgreSQL cluster (skips where its binaries are not
+  installed); ``prefect_server_on`` starts ``prefect server start`` on a database URL.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -368,3 +372,121 @@ def _signal_group(process: subprocess.Popen, sig: int) -> bool:
 
 def _tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ── Postgres and a Prefect server on it ──────────────────────────────────────────────────────────
+
+@dataclass
+class PostgresServer:
+    """A running PostgreSQL server on 127.0.0.1 and the one database made for the test."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+
+    def url(self, driver: str = "postgresql+asyncpg") -> str:
+        """The connection URL, e.g. for ``PREFECT_API_DATABASE_CONNECTION_URL``."""
+        return f"{driver}://{self.user}:{self.password}@{self.host}:{self.port}/{self.database}"
+
+    def fetch(self, query: str) -> list:
+        """Rows of ``query`` on the test database, read by a connection of our own."""
+        import asyncio
+
+        import asyncpg
+
+        async def run():
+            connection = await asyncpg.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                                               database=self.database, timeout=10)
+            try:
+                return await connection.fetch(query)
+            finally:
+                await connection.close()
+
+        return asyncio.run(run())
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of ``initdb`` and ``postgres``: on PATH, else Debian's newest /usr/lib/postgresql/<n>/bin."""
+    found = shutil.which("initdb")
+    if found and shutil.which("postgres"):
+        return Path(found).parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name) if
+                        p.parent.parent.name.isdigit() else 0)
+    return candidates[-1].parent if candidates else None
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> PostgresServer:
+    """A throwaway PostgreSQL cluster (initdb in a temp dir) on a free loopback port, with password
+    authentication and one database; stopped and removed when the module ends.
+
+    initdb and postgres refuse to run as root: as root they run as the ``postgres`` user, which
+    owns the data folder. Skips, saying why, where the PostgreSQL server binaries are not installed.
+    """
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, postgres) not found on PATH or in /usr/lib/postgresql/*/bin: "
+                    "install Debian's postgresql package to run the Postgres tests")
+    as_postgres: list[str] = []
+    owner = None
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run initdb/postgres as (they refuse root)")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    # Not under pytest's tmp folders: those are private to root, and the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="erasure-pg-"))
+    server = PostgresServer("127.0.0.1", _free_ports(1)[0], "erasure", secrets.token_hex(12), "prefect")
+    try:
+        (root / "pwfile").write_text(server.password + "\n")
+        (root / "sockets").mkdir()
+        if owner is not None:
+            for path in (root, root / "pwfile", root / "sockets"):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        initdb = subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(root / "data"), "-U", server.user,
+                                 f"--pwfile={root / 'pwfile'}", "--auth=scram-sha-256", "-E", "UTF8", "--no-sync"],
+                                capture_output=True, text=True, timeout=120)
+        if initdb.returncode != 0:
+            pytest.fail(f"initdb failed ({initdb.returncode}):\n{initdb.stdout[-2000:]}\n{initdb.stderr[-2000:]}", pytrace=False)
+        # fsync off: a test cluster is thrown away, durability buys nothing but seconds.
+        command = [*as_postgres, str(bindir / "postgres"), "-D", str(root / "data"), "-p", str(server.port),
+                   "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root / 'sockets'}",
+                   "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=100"]
+        log_path = root / "postgres.log"
+        process, log = _start(command, dict(os.environ), log_path)
+        try:
+            admin = PostgresServer(server.host, server.port, server.user, server.password, "postgres")
+            _wait_until(lambda: admin.fetch("SELECT 1"), process, log, "PostgreSQL", timeout=60)
+            admin.fetch(f"CREATE DATABASE {server.database}")
+            yield server
+        finally:
+            _signal_group(process, signal.SIGINT)  # "fast" shutdown: SIGTERM would wait for every client to leave
+            _stop(process, grace=10)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def prefect_server_on(database_url: str, root: Path, timeout: float = 180):
+    """``prefect server start`` on a free loopback port with its database at ``database_url``;
+    yields the API URL (``http://127.0.0.1:<port>/api``) and stops the server on exit."""
+    (port,) = _free_ports(1)
+    home = root / "prefect-server-home"
+    home.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({**QUIET, "PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
+                "PREFECT_UI_API_URL": url, "PREFECT_SERVER_UI_ENABLED": "false"})
+    process, log = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
+                          root / "prefect-server.log")
+    try:
+        _wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, process, log,
+                    "prefect server (Postgres)", timeout=timeout)
+        yield url
+    finally:
+        _stop(process, grace=15)
