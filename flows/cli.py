@@ -217,6 +217,18 @@ def cmd_serve(args) -> int:
                                            prefect_port=args.port, bridge=not args.no_bridge))
 
 
+def cmd_serve_model(args) -> int:
+    """Serve the champion over REST and reload it on the pipeline's webhook (infra/model_server.py)."""
+    from infra.model_server import DEFAULT_COMMAND, serve_model
+
+    settings = _settings()
+    # models:/NAME@champion resolves in our registry; MLflow's server starts `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri,
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    return serve_model(args.model or settings.model_name, args.port, args.hook_port, command=args.serve_command or DEFAULT_COMMAND,
+                       health_path=args.health_path, env=env, log_path=settings.home / "serve-model.log")
+
+
 def cmd_bridge(args) -> int:
     """The S3 deletion bridge alone (tasks/bridge.py)."""
     import threading
@@ -516,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=4200, help="port of the local Prefect server when PREFECT_API_URL is unset")
     serve.add_argument("--no-bridge", action="store_true", help="do not run the deletion bridge even if ERASURE_BRIDGE_QUEUE_URL is set")
     serve.set_defaults(fn=cmd_serve)
+    serve_model = sub.add_parser("serve-model", help="serve the champion over REST and reload it when the pipeline's webhook says it moved")
+    serve_model.add_argument("--model", help="registered model (default: ERASURE_MODEL_NAME)")
+    serve_model.add_argument("--port", type=int, default=5001, help="port of the model's REST server (default 5001)")
+    serve_model.add_argument("--hook-port", type=int, default=5002, help="port of the webhook receiver: ERASURE_WEBHOOK_URL=http://HOST:PORT/")
+    serve_model.add_argument("--command", dest="serve_command", help="the serving command, with {model} and {port} (default: mlflow models serve … --env-manager local)")
+    serve_model.add_argument("--health-path", default="/ping", help="path that answers 200 once the server serves (default /ping)")
+    serve_model.set_defaults(fn=cmd_serve_model)
     bridge = sub.add_parser("bridge", help="turn S3 deletion notifications (via SQS) into erasure requests (ERASURE_BRIDGE_* settings)")
     bridge.add_argument("--once", action="store_true", help="one poll and one reconciliation, then exit")
     bridge.set_defaults(fn=cmd_bridge)

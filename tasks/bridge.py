@@ -91,6 +91,8 @@ class BridgeSettings(BaseSettings):
     method: str = Field(default="auto", description="Method for requests with forget data (previous versions).")
     method_config: dict[str, Any] = Field(default_factory=dict, description=(
         'Overrides of that method\'s hyperparameters, as in a request (JSON, e.g. {"max_steps": 200}); not for the data-free fallback.'))
+    fallback_method_config: dict[str, Any] = Field(default_factory=dict, description=(
+        f"Overrides of the data-free {FALLBACK_METHOD}'s hyperparameters for deletions without previous versions (JSON)."))
     reconcile_interval_s: float = Field(default=300.0, gt=0, allow_inf_nan=False,
                                         description="How often run() lists delete markers to catch missed notifications.")
 
@@ -414,7 +416,7 @@ def _file_group(settings: ErasureSettings, bridge: BridgeSettings, s3, group: li
             config = bridge.method_config
         else:
             target, note = _data_free_target(group, rows)
-            method, config = FALLBACK_METHOD, {}
+            method, config = FALLBACK_METHOD, bridge.fallback_method_config
         times = [e.deleted_at for e in group if e.deleted_at]
         request = ErasureRequest(
             request_id=request_id, requester=REQUESTER, target=target, method=method, model=bridge.model, method_config=config,

@@ -26,6 +26,7 @@ from unlearning.methods.base import ForgetTarget
 from unlearning.models import ClipBundle, load_model
 
 TARGETS, REQUEST_IDS, PARENT = "erasure.targets", "erasure.request_ids", "erasure.parent_version"
+LINEAGE_RETAIN_DROP = "erasure.lineage_retain_drop"  # retain accuracy lost since the first champion, summed over its erasures
 HELDOUT_SUITE = "erasure.heldout_suite"  # the held-out suite the version was promoted on (a name or the suite's JSON)
 
 
@@ -40,6 +41,7 @@ class Champion:
     targets: list[ForgetTarget] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
     heldout_suite: str | None = None  # None: promoted before suites were recorded (or bootstrapped)
+    lineage_retain_drop: float = 0.0  # summed over the erasures since the first champion (0 for it)
 
 
 def carried(version_tags: dict) -> tuple[list[ForgetTarget], list[str]]:
@@ -67,7 +69,8 @@ def load_champion(settings: ErasureSettings, model_name: str | None = None, alia
     targets, request_ids = carried(version.tags)
     bundle = load_model(f"local-dir:{folder}", device=device or settings.device)
     get_run_logger().info("champion %s v%s carries %d earlier erasure(s)", name, version.version, len(targets))
-    return Champion(name, str(version.version), folder, bundle, targets, request_ids, version.tags.get(HELDOUT_SUITE))
+    return Champion(name, str(version.version), folder, bundle, targets, request_ids, version.tags.get(HELDOUT_SUITE),
+                    float(version.tags.get(LINEAGE_RETAIN_DROP, 0.0)))
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)

@@ -85,7 +85,7 @@ def post_event(event: str, resource_id: str, payload: dict, key: str, related: l
     return True
 
 
-WEBHOOK_URL_ENV, WEBHOOK_SECRET_ENV = "ERASURE_WEBHOOK_URL", "ERASURE_WEBHOOK_SECRET"
+WEBHOOK_URL_ENV, WEBHOOK_SECRET_ENV, WEBHOOK_TIMEOUT_ENV = "ERASURE_WEBHOOK_URL", "ERASURE_WEBHOOK_SECRET", "ERASURE_WEBHOOK_TIMEOUT_S"
 SIGNATURE_HEADER, TIMESTAMP_HEADER = "X-Clip-Erasure-Signature", "X-Clip-Erasure-Timestamp"
 
 
@@ -95,15 +95,20 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
 
 
 def notify_serving(event: str, model_name: str, version: str | None, request_ids: list[str], extra: dict | None = None,
-                   attempts: int = 3, timeout_s: float = 5.0) -> str | None:
+                   attempts: int = 3, timeout_s: float | None = None) -> dict | None:
     """Tell what serves the model that its champion changed: the Prefect event, and a signed webhook.
 
     The webhook goes to ``ERASURE_WEBHOOK_URL`` when set, signed with ``ERASURE_WEBHOOK_SECRET``
     (an environment variable, never a logged setting). It is tried ``attempts`` times; a receiver
     that stays down is logged, not fatal: the champion has moved either way, and the event says so.
 
+    A receiver that puts the new champion into service before it answers (``erasure serve-model``)
+    says when, as ``{"in_service_at": ISO time}``; it may take ``ERASURE_WEBHOOK_TIMEOUT_S``
+    (default 120 s) to do so.
+
     Returns:
-        When the webhook receiver confirmed (ISO time), else None.
+        ``{"notified_at": when the receiver confirmed, "in_service_at": its answer's, or None}``
+        (ISO times), or None when no receiver confirmed.
     """
     payload = {"event": event, "model": model_name, "version": version, "request_ids": request_ids, **(extra or {})}
     try:
@@ -124,11 +129,13 @@ def notify_serving(event: str, model_name: str, version: str | None, request_ids
         headers[SIGNATURE_HEADER] = signature(secret, stamp, body)
     else:
         logger.warning("%s is not set: the webhook to %s goes unsigned", WEBHOOK_SECRET_ENV, url)
+    timeout_s = timeout_s or float(os.environ.get(WEBHOOK_TIMEOUT_ENV, "120"))
     for attempt in range(1, attempts + 1):
         try:
             response = httpx.post(url, content=body, headers=headers, timeout=timeout_s)
             if response.status_code // 100 == 2:
-                return datetime.now(timezone.utc).isoformat(timespec="seconds")
+                return {"notified_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "in_service_at": _in_service_at(response)}
             problem = f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             problem = type(exc).__name__
@@ -136,3 +143,12 @@ def notify_serving(event: str, model_name: str, version: str | None, request_ids
             time.sleep(0.5 * 2 ** (attempt - 1))
     logger.warning("webhook for %s of %s v%s not confirmed after %d attempts (%s)", event, model_name, version, attempts, problem)
     return None
+
+
+def _in_service_at(response: httpx.Response) -> str | None:
+    """The receiver's ``in_service_at`` when it is an ISO time, else None (a receiver that only acknowledges)."""
+    try:
+        value = response.json().get("in_service_at")
+        return datetime.fromisoformat(value).isoformat() if isinstance(value, str) else None
+    except (ValueError, AttributeError):
+        return None

@@ -59,6 +59,7 @@ class UpdateReport(BaseModel):
     data: dict = Field(default_factory=dict)  # per request id: what went where (tasks.data.data_summary)
     timings: Timings = Field(default_factory=Timings)
     depth: dict = Field(default_factory=dict)  # tasks.depth.DepthEvidence.as_dict(): per new target, before / after / oracle
+    lineage_retain_drop: float | None = None  # the champion's, plus this update's retain drop
 
     @property
     def failed_gates(self) -> list[str]:
@@ -113,8 +114,14 @@ def _decision_of(status: str) -> Decision:
     return status if status in ("promoted", "rejected", "dry_run") else "failed"  # type: ignore[return-value]
 
 
-def certificate_of(update: UpdateReport, request, model_name: str, decision: str, purged: list[dict] | None = None) -> dict:
-    """The certificate of one request in ``update`` (JSON-able), as :func:`tasks.report.write_certificate` writes it."""
+def certificate_of(update: UpdateReport, request, model_name: str, decision: str, purged: list[dict] | None = None,
+                   serving: dict | None = None) -> dict:
+    """The certificate of one request in ``update`` (JSON-able), as :func:`tasks.report.write_certificate` writes it.
+
+    Args:
+        serving: what the serving webhook confirmed (:func:`tasks.events.notify_serving`); None
+            when none did (none configured, or not yet asked).
+    """
     target = request.target.to_forget_target().name
     return {"request_id": request.request_id, "requester": request.requester, "requested_at": request.requested_at.isoformat(),
             "target": target, "method": update.method, "model_name": model_name, "model_version": update.model_version,
@@ -122,7 +129,7 @@ def certificate_of(update: UpdateReport, request, model_name: str, decision: str
             "carried_targets": update.carried_targets, "before": update.before, "after": update.after,
             "gates": [g.model_dump() for g in update.gates], "heldout_suite": update.heldout_suite,
             "data": update.data.get(request.request_id), "mlflow_run_id": update.mlflow_run_id, "purged": purged or [],
-            "depth": _depth_of(update.depth, target)}
+            "depth": _depth_of(update.depth, target), "serving": serving or {"notified_at": None, "in_service_at": None}}
 
 
 def _depth_of(depth: dict, target: str) -> dict:

@@ -127,6 +127,7 @@ def write_certificate(folder: Path, certificate: dict) -> tuple[Path, Path]:
         f"- Method: {certificate['method']}",
         f"- Model: `{certificate['model_name']}` version {certificate['model_version']} (parent {certificate['parent_version']})",
         f"- Decision: **{certificate['decision']}**",
+        *([_serving_line(certificate["serving"])] if certificate["decision"] == "promoted" and "serving" in certificate else []),
         f"- Forget targets carried by this version: {', '.join(certificate['carried_targets'])}",
         *([_data_line(certificate["data"])] if certificate.get("data") else []),
         *([f"- Held-out suite: {certificate['heldout_suite']['name']} ({certificate['heldout_suite']['kind']}; "
@@ -144,6 +145,14 @@ def write_certificate(folder: Path, certificate: dict) -> tuple[Path, Path]:
     md_path = folder / "certificate.md"
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
+
+
+def _serving_line(serving: dict) -> str:
+    if serving.get("in_service_at"):
+        return f"- In service: {serving['in_service_at']} (the serving webhook's receiver reloaded the champion)"
+    if serving.get("notified_at"):
+        return f"- Serving notified: {serving['notified_at']} (the receiver did not say when the model went into service)"
+    return "- In service: not known (no serving webhook confirmed; ERASURE_WEBHOOK_URL)"
 
 
 DEPTH_NOTES = {"relearn": "accuracy after n relearning steps on 8 images", "probe": "linear probe, balanced accuracy",

@@ -108,6 +108,9 @@ class GateThresholds(BaseModel):
         "Highest target accuracy allowed after 10 relearning steps on 8 of its images; unset: not gated."))
     max_knn_recall: Fraction | None = Field(default=None, description=(
         "Highest target recall of a 10-nearest-neighbour vote in image-embedding space; unset: not gated."))
+    max_lineage_retain_drop: Fraction | None = Field(default=None, description=(
+        "Largest retain-accuracy drop summed over the model's lineage: every erasure since the first champion, this one "
+        "included, each against its own champion; unset: ERASURE_MAX_LINEAGE_RETAIN_DROP (default 0.05)."))
     max_mia_distance: Fraction | None = Field(default=None, description=(
         "Largest distance of the membership-inference AUC from the retrain oracle's (0.5 without one); unset: not gated."))
 

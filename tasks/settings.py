@@ -60,6 +60,9 @@ class ErasureSettings(BaseSettings):
     max_forget_accuracy: float = 0.05
     max_retain_drop: float = 0.02
     max_heldout_drop: float = 0.02
+    # Each gate above compares with the current champion, so small drops could add up over many
+    # erasures: this one bounds the sum over the lineage (None: not gated).
+    max_lineage_retain_drop: float | None = 0.05
     # Which held-out suite the held-out gate (and the guard) probes: "auto" (the world's probes on
     # the shapes world, else the retained classes under unseen paraphrase templates), "world",
     # "paraphrase", or a suite .json file (format: unlearning/heldout.py). A request may name its own.

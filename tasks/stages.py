@@ -34,7 +34,7 @@ from prefect.utilities.annotations import quote
 from pydantic import ValidationError
 
 from tasks import events, ledger, locks, registry
-from tasks.champion import Champion, lineage_tags
+from tasks.champion import LINEAGE_RETAIN_DROP, Champion, lineage_tags
 from tasks.data import ErasureData, cache_folder, eval_set_of, prepare_data
 from tasks.depth import DepthEvidence, depth_gates
 from tasks.outcome import GateResult, RequestOutcome, Timings, UpdateReport, certificate_of
@@ -170,6 +170,7 @@ class UpdatePlan:
     thresholds: dict
     data: dict[str, ErasureData] = field(default_factory=dict)
     depth_thresholds: dict = field(default_factory=dict)  # the depth gates switched on (tasks.depth), decided once measured
+    lineage_limit: float | None = None  # max_lineage_retain_drop; None: not gated
 
     @property
     def request_ids(self) -> list[str]:
@@ -182,6 +183,20 @@ def strictest_gates(requests: Sequence[ErasureRequest], settings: ErasureSetting
                "max_heldout_drop": settings.max_heldout_drop}
     asked = [r.gates.model_dump() if r.gates else default for r in requests]
     return {key: min(a[key] for a in asked) for key in default}
+
+
+def lineage_limit(requests: Sequence[ErasureRequest], settings: ErasureSettings) -> float | None:
+    """The lineage gate's threshold: the strictest a request asked for, else the setting (None: off)."""
+    asked = [r.gates.max_lineage_retain_drop for r in requests if r.gates and r.gates.max_lineage_retain_drop is not None]
+    return min(asked) if asked else settings.max_lineage_retain_drop
+
+
+def lineage_gate(champion: Champion, lineage: float, limit: float) -> GateResult:
+    """Retain accuracy lost since the first champion (the champion's sum plus this update's drop) against ``limit``."""
+    return GateResult(name="lineage_retain_drop", value=lineage, threshold=limit, comparison="<=", passed=bool(lineage <= limit),
+                      description=f"retain accuracy lost over the lineage: v{champion.version}'s "
+                                  f"{100 * champion.lineage_retain_drop:.1f} pt plus this erasure's; past it, retrain without "
+                                  "the targets (or raise ERASURE_MAX_LINEAGE_RETAIN_DROP knowingly)")
 
 
 def strictest_depth_gates(requests: Sequence[ErasureRequest], settings: ErasureSettings) -> dict[str, float]:
@@ -209,7 +224,7 @@ def plan_update(requests: list[ErasureRequest], data: dict[str, ErasureData], ch
         plan = plan_methods(request.method, first.target, first.unlearning, lambda m: method_config(m, request, strict))
         group = Group([request.request_id], [first.target], plan, {m: method_config(m, request, strict) for m in plan}, first.unlearning)
         return UpdatePlan(requests, [group], first.eval_set, all_targets, first.members, thresholds, data,
-                          strictest_depth_gates(requests, settings))
+                          strictest_depth_gates(requests, settings), lineage_limit(requests, settings))
 
     buckets: dict[tuple, list[ErasureRequest]] = {}
     for request in requests:
@@ -230,7 +245,8 @@ def plan_update(requests: list[ErasureRequest], data: dict[str, ErasureData], ch
     forgotten = [g.data.forget for g in groups if g.data.forget is not None]
     members = (LabelledImages(torch.cat([f.images for f in forgotten]), [t for f in forgotten for t in f.texts],
                               torch.full((sum(len(f) for f in forgotten),), -1, dtype=torch.long)) if forgotten else None)
-    return UpdatePlan(requests, groups, eval_set, all_targets, members, thresholds, data, strictest_depth_gates(requests, settings))
+    return UpdatePlan(requests, groups, eval_set, all_targets, members, thresholds, data, strictest_depth_gates(requests, settings),
+                      lineage_limit(requests, settings))
 
 
 def _groups_of(requests: list[ErasureRequest], data: dict[str, ErasureData], reference, champion: Champion,
@@ -329,6 +345,9 @@ def decide_gates(plan: UpdatePlan, unlearned: Unlearned, before: Evaluation, cha
     the depth gates switched on join the others once ``depth`` is measured."""
     best = unlearned.best
     gates = [GateResult(**g.as_dict()) for g in [*best.gates, *depth_gates(depth, plan.depth_thresholds)]]
+    lineage = champion.lineage_retain_drop + before.metrics["retain_accuracy"] - best.after.metrics["retain_accuracy"]
+    if plan.lineage_limit is not None:
+        gates.append(lineage_gate(champion, lineage, plan.lineage_limit))
     passed = all(g.passed for g in gates)
     mlflow.log_metrics({f"after.{metric_name(k)}": v for k, v in best.after.metrics.items()})
     names = [t.name for t in plan.all_targets]
@@ -338,7 +357,7 @@ def decide_gates(plan: UpdatePlan, unlearned: Unlearned, before: Evaluation, cha
     plt.close(figure)
     gate_dicts = [g.model_dump() for g in gates]
     mlflow.log_dict({"passed": passed, "method": unlearned.method, "gates": gate_dicts, "attempts": [a.method for a in unlearned.attempts],
-                     "thresholds": {**plan.thresholds, **plan.depth_thresholds}}, "gates/gate_report.json")
+                     "thresholds": {**plan.thresholds, **plan.depth_thresholds, **_lineage(plan)}}, "gates/gate_report.json")
     mlflow.log_text(gate_markdown(gate_dicts), "gates/gate_report.md")
     mlflow.set_tags({"erasure.method": unlearned.method, "erasure.gates_passed": str(passed).lower()})
     timings = timings.model_copy(update={"unlearn_s": unlearned.seconds, "evaluate_s": timings.evaluate_s + unlearned.evaluate_seconds})
@@ -347,11 +366,15 @@ def decide_gates(plan: UpdatePlan, unlearned: Unlearned, before: Evaluation, cha
     return UpdateReport(
         request_ids=plan.request_ids, targets=[t.name for t in plan.all_targets[len(champion.targets):]], carried_targets=names,
         method=unlearned.method, attempts=[a.method for a in unlearned.attempts], decision="rejected" if not passed else "promoted",
-        gates_passed=passed, gates=gates, thresholds={**plan.thresholds, **plan.depth_thresholds},
+        gates_passed=passed, gates=gates, thresholds={**plan.thresholds, **plan.depth_thresholds, **_lineage(plan)},
         depth=depth.as_dict() if depth else {}, heldout_suite=first.eval_set.heldout.as_dict(),
         before=before.metrics, after=best.after.metrics, per_class_before=before.per_class, per_class_after=best.after.per_class,
         champion_before=champion.version, mlflow_run_id=mlflow.active_run().info.run_id,
-        data={rid: plan.data[rid].summary for rid in plan.request_ids}, timings=timings)
+        data={rid: plan.data[rid].summary for rid in plan.request_ids}, timings=timings, lineage_retain_drop=lineage)
+
+
+def _lineage(plan: UpdatePlan) -> dict:
+    return {} if plan.lineage_limit is None else {"max_lineage_retain_drop": plan.lineage_limit}
 
 
 def culprits(report: UpdateReport) -> list[str]:
@@ -377,6 +400,7 @@ def register_update(settings: ErasureSettings, name: str, plan: UpdatePlan, unle
             "erasure.device": str(champion.bundle.model.logit_scale.device), "prefect.flow_run_id": flow_run_id(),
             "erasure.manifest_hashes": json.dumps({rid: plan.data[rid].manifest_hashes for rid in plan.request_ids})[:5000],
             "erasure.heldout_suite": plan.data[plan.request_ids[0]].eval_set.heldout.reference, "erasure.decision": "candidate",
+            LINEAGE_RETAIN_DROP: f"{report.lineage_retain_drop:.6f}",
             "status": "candidate"}
     with tempfile.TemporaryDirectory(prefix="candidate-") as folder:
         carry_recipe(champion.folder, save_model(unlearned.best.bundle, Path(folder)))
@@ -434,9 +458,7 @@ def publish(settings: ErasureSettings, name: str, report: UpdateReport, requests
     for request in requests:
         run_id = runs[request.request_id]
         certificate = certificate_of(report, request, name, decision)
-        with tempfile.TemporaryDirectory(prefix="certificate-") as folder:
-            for path in write_certificate(Path(folder), certificate):
-                client.log_artifact(run_id, str(path), "certificate")
+        _log_certificate(client, run_id, certificate)
         if run_id != report.mlflow_run_id:
             client.set_tag(run_id, "erasure.update_run_id", report.mlflow_run_id)
             client.set_tag(run_id, NOTE, f"Request {request.request_id}, one of {len(requests)} in update run "
@@ -455,11 +477,23 @@ def publish(settings: ErasureSettings, name: str, report: UpdateReport, requests
         outcomes.append(RequestOutcome(request_id=request.request_id, status=status, reason=reason, model_version=report.model_version,
                                        mlflow_run_id=run_id))
     if decision == "promoted":
-        confirmed = events.notify_serving(events.CHAMPION_PROMOTED, name, report.model_version, report.request_ids)
-        if confirmed:
-            client.set_tag(report.mlflow_run_id, "erasure.serving_notified_at", confirmed)
+        # After the ledger says promoted: a receiver that reloads the served model may take a while,
+        # and the certificate, already written, gains when the new champion went into service.
+        serving = events.notify_serving(events.CHAMPION_PROMOTED, name, report.model_version, report.request_ids)
+        if serving:
+            client.set_tag(report.mlflow_run_id, "erasure.serving_notified_at", serving["notified_at"])
+            if serving["in_service_at"]:
+                client.set_tag(report.mlflow_run_id, "erasure.in_service_at", serving["in_service_at"])
+            for request in requests:
+                _log_certificate(client, runs[request.request_id], certificate_of(report, request, name, decision, serving=serving))
     get_run_logger().info("%s: %s", decision, note)
     return outcomes
+
+
+def _log_certificate(client: MlflowClient, run_id: str, certificate: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="certificate-") as folder:
+        for path in write_certificate(Path(folder), certificate):
+            client.log_artifact(run_id, str(path), "certificate")
 
 
 def fail_request(client: MlflowClient, run_id: str, request_id: str, exc: BaseException) -> RequestOutcome:

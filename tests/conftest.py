@@ -24,6 +24,16 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # The depth evidence of every erasure (tasks/depth.py) costs seconds per model; the tests that
 # check it switch it on, the orchestration tests do without.
 os.environ.setdefault("ERASURE_DEPTH_EVIDENCE", "false")
+# Chains of cheap orchestration erasures drift further than real ones; the lineage gate has its own
+# test (tests/test_lineage_gate.py), the others run without it.
+os.environ.setdefault("ERASURE_MAX_LINEAGE_RETAIN_DROP", "1.0")
+# Under pytest-xdist (`make test` runs two workers), each worker and every process it starts
+# computes on one thread: two processes with an OpenMP team each on 2 cores spin against each
+# other and run many times slower than one thread each. Set before torch is imported.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
 if "PREFECT_HOME" not in os.environ:  # must be set before prefect is imported anywhere
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
     atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
@@ -52,7 +62,7 @@ SMALL_WORLD = WorldSpec(n_train=16000, val_per_subgroup=4, test_per_subgroup=8, 
 SMALL_TRAIN = TrainConfig(steps=800, batch_size=128, lr=2e-3, warmup_steps=60, seed=int(os.environ.get("ERASURE_TEST_SEED", "0")),
                           precision=os.environ.get("ERASURE_PRECISION", "auto"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if XDIST_WORKER else min(2, os.cpu_count() or 1))
 
 
 def _key(*parts) -> str:

@@ -66,3 +66,43 @@ def test_versioned_lake_deletion_is_erased_and_its_versions_deleted(moto_env, st
     gone = json.load(open(certificate))["deleted"]
     assert {g["key"] for g in gone} == set(deleted) and not any(g["already_gone"] for g in gone)
     assert reconcile(settings, bridge) == []  # nothing left to erase
+
+
+def test_unversioned_lake_deletion_of_a_class_is_erased_data_free_through_the_queue(moto_env, store, small_records, monkeypatch):
+    """Without versioning the deleted images are gone: moto's `ObjectRemoved:Delete` notifications
+    → SQS → the bridge files a data-free lipschitz request for the class → batch → promoted."""
+    from tasks.bridge import FALLBACK_METHOD, poll
+
+    moto = moto_env
+    for name in ("ERASURE_MAX_FORGET_ACCURACY", "ERASURE_MAX_RETAIN_DROP", "ERASURE_MAX_HELDOUT_DROP"):
+        monkeypatch.setenv(name, "1.0")  # this test checks the path; lipschitz's forgetting is tests/test_lipschitz.py's
+    get_settings.cache_clear()
+    settings = get_settings()
+    train = small_records["train"]
+    circles, others = [r for r in train if r.label == "circle"][:3], [r for r in train if r.label != "circle"][:3]
+    bucket = moto.create_bucket(versioned=False)
+    rows = []
+    for number, record in enumerate(circles + others):
+        moto.s3.put_object(Bucket=bucket, Key=f"lake/img {number}.png", Body=open(record.image_path, "rb").read())
+        rows.append({"image_path": f"img {number}.png", "label": record.label, "caption": record.caption, "split": "train",
+                     "attributes": record.attributes})
+    moto.s3.put_object(Bucket=bucket, Key="lake/manifest.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    bridge = BridgeSettings(bucket=bucket, prefix="lake/", manifest=f"s3://{bucket}/lake/manifest.jsonl",
+                            queue_url=f"{moto.endpoint_url}/123456789012/{bucket}-q", debounce_s=0, wait_time_s=1,
+                            # the path, not the forgetting: a minimal synthetic set and two steps
+                            fallback_method_config={"seed": 0, "lr": 3e-3, "max_steps": 2, "n_stop_images": 4, "anchor_random_words": 8,
+                                                    "synthesis": {"n_images": 8, "min_steps": 5, "max_steps": 10}})
+    queue_url, _ = ensure_queue(bridge, settings)
+    bridge = bridge.model_copy(update={"queue_url": queue_url})
+
+    moto.s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": f"lake/img {n}.png"} for n in range(len(circles))]})
+    (filed,) = [r for r in poll(settings, bridge) if r.request_id]
+    assert filed.filed and (filed.target_kind, filed.method) == ("class", FALLBACK_METHOD)
+
+    report = batch_flow(settings=settings)
+    (outcome,) = [o for o in report.requests if o.request_id == filed.request_id]
+    assert outcome.status == "promoted", outcome.reason
+    champion = registry.get_version_by_alias(settings.model_name, registry.CHAMPION)
+    assert str(champion.version) == outcome.model_version
+    assert [t.name for t in carried(champion.tags)[0]] == ["circle"] and carried(champion.tags)[1] == [filed.request_id]
+    assert not any(r.request_id for r in poll(settings, bridge))  # the notifications were consumed: nothing more to file
