@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/erasure demo
 
+# Two workers on any machine: the multi-process service tests (one xdist group, one after the
+# other) wait on servers while the other worker's tests compute; each worker computes on one thread.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 bench: install
 	$(VENV)/bin/erasure bench --out docs/bench

@@ -63,7 +63,11 @@ def prefect_server(settings: ErasureSettings, port: int, startup_timeout_s: floa
     home.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
-           "PREFECT_UI_API_URL": url}
+           "PREFECT_UI_API_URL": url,
+           # Concurrency leases on disk (PREFECT_HOME), not in the server's memory: after a crash and a
+           # restart, a killed holder's model lock is freed when its lease runs out, not held for ever.
+           "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": os.environ.get("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE")
+           or "prefect.server.concurrency.lease_storage.filesystem"}
     log = open(home / "server.log", "ab")
     process = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_detached_but_tied)

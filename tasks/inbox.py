@@ -8,8 +8,9 @@ state); an invalid, conflicting or hopelessly failed one moves to ``failed/<name
 ``failed/<name>.reason.txt`` (one line naming the field). :func:`watch` scans in a loop.
 
 Once a request waits in the ledger, the inbox announces it (``clip-erasure.request.received``) so
-a serving deployment runs a batch now; the announced ``(request_id, hash, attempts)`` are kept in
-``<home>/inbox-state.json`` so a 2 s rescan, or a restart, does not post again.
+a serving deployment runs a batch now, and again when its attempt's lease runs out (the run was
+killed); the announced ``(request_id, hash, attempts)`` are kept in ``<home>/inbox-state.json`` so
+a 2 s rescan, or a restart, does not post again.
 
 Request contents (the requester may be personal data) are never logged: only file names, request
 ids and statuses.
@@ -263,10 +264,14 @@ class Inbox:
 
     def _wait(self, name: str, filed: intake.Filed, announced: dict[str, str], still_waiting: dict[str, str]) -> InboxItem:
         state = filed.state
-        key = f"{state.request_hash}|{len(state.attempts)}"
+        # An attempt whose lease ran out (killed, e.g. with its service) changes the key: the request
+        # is announced again then, not only at the next scheduled batch.
+        expired = "|expired" if state.attempts and state.attempts[-1].recorded_status else ""
+        key = f"{state.request_hash}|{len(state.attempts)}{expired}"
         outcome: Outcome = "filed" if filed.filed else "known"
         memory_key = f"{state.request_id}|{key}"
-        if announced.get(state.request_id) == key or still_waiting.get(state.request_id) == key:
+        at_work = state.status in ledger.LEASED or (state.status == "received" and len(state.attempts) > 1)  # a batch opened it
+        if announced.get(state.request_id) == key or still_waiting.get(state.request_id) == key or at_work:
             still_waiting[state.request_id] = key
             return InboxItem(name, state.request_id, outcome if filed.filed else "waiting")
         if memory_key in self._unannounced:  # no server to tell, already known in this process

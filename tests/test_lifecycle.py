@@ -21,7 +21,9 @@ from tasks import ledger, registry
 from tasks.champion import carried
 from tasks.settings import get_settings
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+# Several processes each (racing and killed `erasure run`s): one after the other with the other
+# service tests on one xdist worker (pyproject.toml).
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.xdist_group("services")]
 
 REPO = Path(__file__).resolve().parents[1]
 GATES = {"max_forget_accuracy": 0.25, "max_retain_drop": 0.10, "max_heldout_drop": 0.10}

@@ -23,6 +23,7 @@ from tests.test_lifecycle import QUICK, champion_targets, request, versions_of
 from tests.test_serve import _prefect_story
 
 POOL = "erasure-test-pool"
+pytestmark = pytest.mark.xdist_group("services")  # one after the other with the other multi-process tests (pyproject.toml)
 MODEL_B = "shapes-clip-b"
 NEVER_SOON = "0 0 1 1 *"  # 1 January, midnight: no schedule fires during the test
 TERMINAL_RUN_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -129,7 +130,9 @@ def test_two_workers_run_two_models_in_parallel_and_one_model_in_sequence(store,
                 _wait(lambda: {w.name for w in client.read_workers_for_work_pool(POOL)} >= set(workers), 90, "both workers online",
                       logs, api)
             workers_up = time.monotonic()
-            bodies = {"a-square": request("pool-a-square", "square", **QUICK),
+            # Model A's first run holds its lock long enough (more fine-tuning steps, each with an
+            # evaluation) for the second run's process to start meanwhile, even on a loaded machine.
+            bodies = {"a-square": request("pool-a-square", "square", **{**QUICK, "method_config": {"max_steps": 24}}),
                       "b-circle": request("pool-b-circle", "circle", model=MODEL_B, **QUICK),
                       "a-triangle": request("pool-a-triangle", "triangle", **QUICK)}
             _file(settings_a, bodies["a-square"])
