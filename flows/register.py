@@ -50,7 +50,7 @@ def register_flow(model_ref: str, name: str | None = None, reference_manifest: s
     configure_mlflow(settings)
     name = name or settings.model_name
     bundle = load_model_to_register(model_ref, settings)
-    reference = validate_reference(reference_manifest or settings.reference_manifest or settings.world_dir / "manifest.jsonl", settings)
+    reference = validate_reference(reference_manifest or settings.reference_manifest_path, settings)
     baseline = evaluate_baseline(bundle, reference, settings)
     registered = register_baseline(settings, name, model_ref, bundle, reference, baseline, _flow_run_id())
     version = registered["version"]

@@ -86,7 +86,7 @@ def prepare_data(request: ErasureRequest, settings: ErasureSettings, image_size:
     (``forget_rows_in_reference``). Every row of a request's retain manifest is retain data.
     """
     logger = get_run_logger()
-    reference_path = Path(settings.reference_manifest or settings.world_dir / "manifest.jsonl")
+    reference_path = settings.reference_manifest_path
     # the owner's manifest rarely changes: its parse is cached by content (~1 s for 60k rows otherwise)
     reference, reference_sha256, manifest_cache = cached_read_manifest(reference_path, cache_folder(settings, "manifests"))
     classnames = sorted({r.label for r in reference})
@@ -154,7 +154,7 @@ def data_summary(unlearning: UnlearningData, forget_records: list[Record] | None
 def reference_eval_set(settings: ErasureSettings, image_size: int, heldout_suite: str | HeldoutSuite | None = None) -> EvalSet:
     """The retain/regression suite: the reference data's test split with its held-out suite
     (``heldout_suite``, default the configured ``ERASURE_HELDOUT_SUITE``)."""
-    reference = cached_read_manifest(Path(settings.reference_manifest or settings.world_dir / "manifest.jsonl"),
+    reference = cached_read_manifest(settings.reference_manifest_path,
                                      cache_folder(settings, "manifests"))[0]
     test = [r for r in reference if r.split == "test"] or reference
     return eval_set_of(test, image_size, heldout_suite or settings.heldout_suite, {r.caption for r in reference},
