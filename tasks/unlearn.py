@@ -150,8 +150,7 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
     Logs a nested MLflow run named after the method (call inside the request's active run).
 
     Args:
-        start: the model to start from, when not the champion (a batch's earlier groups already
-            ran on it); the champion stays the frozen reference either way.
+        start: the model to start from, when not ``champion`` (the frozen reference).
         evaluate_after: False skips the evaluation and the gates (a batch's intermediate step).
     """
     logger = get_run_logger()
