@@ -4,7 +4,6 @@ signatures, and the erasure's certificate records when the new champion went int
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -16,22 +15,17 @@ from mlflow import MlflowClient
 from infra.model_server import ServedModel, receiver
 from tasks import events, ledger
 from tasks.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
+from tests.services import _free_ports
 
 SECRET = "test-secret-not-a-real-one"
 # Stands in for `mlflow models serve`: any command that answers its health path once it serves.
 FAKE_SERVER = f"{sys.executable} -m http.server {{port}} --bind 127.0.0.1"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def hook(tmp_path):
     """A served (fake) model for "shapes-clip" and its receiver on a free port; yields (served, url)."""
-    served = ServedModel("shapes-clip", FAKE_SERVER, _free_port(), health_path="/", startup_timeout_s=30, log_path=tmp_path / "served.log")
+    served = ServedModel("shapes-clip", FAKE_SERVER, _free_ports(1)[0], health_path="/", startup_timeout_s=30, log_path=tmp_path / "served.log")
     served.start()
     server = receiver(served, SECRET)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
