@@ -89,6 +89,11 @@ def s3_server(tmp_path_factory) -> S3Server:
         f"-volume.port.grpc={volume_grpc}", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
         f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-admin.port={admin}", f"-admin.port.grpc={admin + 10_000}",
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-volume.preStopSeconds=0",
+        # Left to itself, mini sizes its volume count by the free disk space at start, and every
+        # bucket is a collection with volumes of its own: on a CI disk with a few GB free, the
+        # session's buckets ran out of volumes (PutObject: InternalError). Volumes are sparse files
+        # here (no preallocation), so a fixed count of small ones costs only what is written.
+        "-volume.max=200", "-master.volumeSizeLimitMB=16",
     ]
     (root / "data").mkdir()
     # weed mini turns the AWS keys in its environment into its only S3 identity.
