@@ -69,13 +69,40 @@ def _key(*parts) -> str:
     return hashlib.sha1(json.dumps([p.model_dump() if hasattr(p, "model_dump") else str(p) for p in parts]).encode()).hexdigest()[:12]
 
 
-@pytest.fixture(scope="session")
-def small_world() -> Path:
-    """Manifest path of a small shapes world (16k train, 192 val, 384 test images)."""
+def _small_world() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / "world.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return generate_world(CACHE / f"world-{_key(SMALL_WORLD)}", SMALL_WORLD, progress=False)
+
+
+def _trained_model_dir(world: Path) -> Path:
+    folder = CACHE / f"model-{_key(SMALL_WORLD, SMALL_TRAIN, 'seeded-init', resolve_precision(SMALL_TRAIN.precision, 'cpu').dtype)}"
+    with open(CACHE / "train.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent session waits for this one instead of training too
+        if not (folder / "open_clip_model.safetensors").exists():
+            bundle = load_model("TinyCLIP-RN32", device="cpu", seed=SMALL_TRAIN.seed)
+            train = [r for r in read_manifest(world) if r.split == "train"]
+            train_clip(bundle.model, bundle.tokenizer, load_images(train, 32), [r.caption for r in train], SMALL_TRAIN, progress=False)
+            tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+            save_model(bundle, tmp)
+            tmp.replace(folder)
+    return folder
+
+
+def pytest_sessionstart(session):
+    """Under xdist, the controller builds the shared world and model before the workers start
+    (xdist starts them in its own, later, sessionstart): on all cores, where a worker would build
+    it on its one thread while the other worker waits for it."""
+    if XDIST_WORKER is None and session.config.getoption("numprocesses", None):
+        print(f"\nbuilding the shared test world and model (cached under {CACHE})", flush=True)
+        _trained_model_dir(_small_world())
+
+
+@pytest.fixture(scope="session")
+def small_world() -> Path:
+    """Manifest path of a small shapes world (16k train, 192 val, 384 test images)."""
+    return _small_world()
 
 
 @pytest.fixture(scope="session")
@@ -86,20 +113,9 @@ def small_records(small_world):
 
 
 @pytest.fixture(scope="session")
-def trained_model_dir(small_world, small_records) -> Path:
+def trained_model_dir(small_world) -> Path:
     """Folder of a TinyCLIP-RN32 trained briefly on the small world (cached across sessions)."""
-    folder = CACHE / f"model-{_key(SMALL_WORLD, SMALL_TRAIN, 'seeded-init', resolve_precision(SMALL_TRAIN.precision, 'cpu').dtype)}"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / "train.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent session waits for this one instead of training too
-        if not (folder / "open_clip_model.safetensors").exists():
-            bundle = load_model("TinyCLIP-RN32", device="cpu", seed=SMALL_TRAIN.seed)
-            train = small_records["train"]
-            train_clip(bundle.model, bundle.tokenizer, load_images(train, 32), [r.caption for r in train], SMALL_TRAIN, progress=False)
-            tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-            save_model(bundle, tmp)
-            tmp.replace(folder)
-    return folder
+    return _trained_model_dir(small_world)
 
 
 @pytest.fixture
