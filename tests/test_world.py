@@ -83,3 +83,34 @@ def test_manifest_round_trip_and_csv_reader(tmp_path):
     assert from_csv[0].attributes == {"colour": records[0].attributes["colour"]}
     images = load_images(from_csv, 32)
     assert images.shape == (len(records), 3, 32, 32) and images.dtype.is_floating_point is False
+
+
+def test_extra_shapes_add_balanced_classes_that_look_unlike_the_others(tmp_path):
+    from unlearning.world import EXTRA_SHAPES, _draw_mask
+
+    spec = WorldSpec(n_train=60, val_per_subgroup=1, test_per_subgroup=1, seed=3, extra_shapes=EXTRA_SHAPES)
+    records = read_manifest(generate_world(tmp_path, spec, progress=False), split="test")
+    counts = Counter((r.label, r.attributes["colour"]) for r in records)
+    assert {label for label, _ in counts} == set(SHAPES) | set(EXTRA_SHAPES) and set(counts.values()) == {1}
+    masks = {s: np.asarray(_draw_mask(s, (64, 64), 40, 0.0, 128)) > 0 for s in SHAPES + EXTRA_SHAPES}
+    for shape in EXTRA_SHAPES:
+        assert masks[shape].mean() > 0.05, shape
+        closest = min((np.mean(masks[shape] != masks[o]), o) for o in masks if o != shape)
+        assert closest[0] > 0.03, f"{shape} is nearly a {closest[1]}"
+
+
+def test_unknown_extra_shape_is_refused_naming_the_field():
+    import pytest
+
+    with pytest.raises(ValueError, match="extra_shapes"):
+        WorldSpec(extra_shapes=("hexagon",))
+
+
+def test_a_world_written_before_extra_shapes_existed_is_reused(tmp_path):
+    manifest = generate_world(tmp_path, TINY, progress=False)
+    spec_file = tmp_path / "world_spec.json"
+    old = json.loads(spec_file.read_text())
+    del old["extra_shapes"]
+    spec_file.write_text(json.dumps(old))
+    stamp = manifest.stat().st_mtime_ns
+    assert generate_world(tmp_path, TINY, progress=False) == manifest and manifest.stat().st_mtime_ns == stamp

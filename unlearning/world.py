@@ -25,6 +25,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "crescent", "arrow")
+# More classes for a world that needs them (WorldSpec.extra_shapes: a batch of 10 class erasures
+# that still leaves classes to keep); the embedded default has the 8 above.
+EXTRA_SHAPES = ("diamond", "pentagon", "ring", "bar")
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -36,7 +39,7 @@ COLOURS = {
 # Radius as a fraction of the image side.
 SIZES = {"small": (0.13, 0.20), "large": (0.27, 0.38)}
 # Shapes whose identity survives any rotation get a full turn; the others only tilt.
-FULL_TURN = {"circle", "triangle", "star", "crescent", "arrow"}
+FULL_TURN = {"circle", "triangle", "star", "crescent", "arrow", "pentagon", "ring"}
 SPLITS = ("train", "val", "test")
 
 # Training captions. The evaluation prompts ("a photo of a ...") never occur here, so zero-shot
@@ -65,12 +68,23 @@ class WorldSpec:
     test_per_subgroup: int = 64  # 8 x 6 x 64 = 3,072 test images, 384 per shape
     image_size: int = 32
     seed: int = 0
+    extra_shapes: tuple[str, ...] = ()  # from EXTRA_SHAPES, after the 8 of SHAPES
+
+    def __post_init__(self):
+        object.__setattr__(self, "extra_shapes", tuple(self.extra_shapes))
+        unknown = [s for s in self.extra_shapes if s not in EXTRA_SHAPES]
+        if unknown or len(set(self.extra_shapes)) != len(self.extra_shapes):
+            raise ValueError(f"extra_shapes: {list(self.extra_shapes)} — give distinct shapes out of {list(EXTRA_SHAPES)}")
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return SHAPES + self.extra_shapes
 
     def split_size(self, split: str) -> int:
         per_subgroup = {"val": self.val_per_subgroup, "test": self.test_per_subgroup}
         if split == "train":
             return self.n_train
-        return per_subgroup[split] * len(SHAPES) * len(COLOURS)
+        return per_subgroup[split] * len(self.shapes) * len(COLOURS)
 
 
 def _polygon(shape: str) -> list[tuple[float, float]]:
@@ -98,6 +112,12 @@ def _polygon(shape: str) -> list[tuple[float, float]]:
     if shape == "arrow":
         return [(-1, -0.22), (0.15, -0.22), (0.15, -0.6), (1, 0), (0.15, 0.6), (0.15, 0.22),
                 (-1, 0.22)]
+    if shape == "diamond":
+        return [(0, -1), (0.6, 0), (0, 1), (-0.6, 0)]
+    if shape == "pentagon":
+        return [(math.cos(a), math.sin(a)) for a in (math.radians(-90 + 72 * i) for i in range(5))]
+    if shape == "bar":
+        return [(-1, -0.3), (1, -0.3), (1, 0.3), (-1, 0.3)]
     raise ValueError(f"no polygon for shape {shape!r}")
 
 
@@ -113,6 +133,10 @@ def _draw_mask(shape: str, centre: tuple[float, float], radius: float, angle: fl
 
     if shape == "circle":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
+    elif shape == "ring":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
+        inner = 0.55 * radius
+        draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
     elif shape == "crescent":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
         (ox, oy), = place([(0.45, 0.0)])
@@ -165,12 +189,13 @@ def render(shape: str, colour: str, size: str, rng: np.random.Generator, image_s
 def sample_record(spec: WorldSpec, split: str, index: int) -> tuple[Image.Image, dict]:
     """The ``index``-th image of ``split``: its pixels, attributes and caption, from the seed alone."""
     rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
+    shapes = spec.shapes
     if split == "train":
-        shape = SHAPES[rng.integers(len(SHAPES))]
+        shape = shapes[rng.integers(len(shapes))]
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
     else:  # balanced: cycle through every colour x shape subgroup
-        subgroup = index % (len(SHAPES) * len(COLOURS))
-        shape, colour = SHAPES[subgroup % len(SHAPES)], list(COLOURS)[subgroup // len(SHAPES)]
+        subgroup = index % (len(shapes) * len(COLOURS))
+        shape, colour = shapes[subgroup % len(shapes)], list(COLOURS)[subgroup // len(shapes)]
     size = list(SIZES)[rng.integers(len(SIZES))]
     image, attributes = render(shape, colour, size, rng, spec.image_size)
     template = TRAIN_TEMPLATES[rng.integers(len(TRAIN_TEMPLATES))] if split == "train" else EVAL_CAPTION
@@ -202,7 +227,9 @@ def generate_world(root: str | Path, spec: WorldSpec = WorldSpec(), progress: bo
     root = Path(root)
     manifest_path = root / "manifest.jsonl"
     spec_path = root / "world_spec.json"
-    if manifest_path.exists() and spec_path.exists() and json.loads(spec_path.read_text()) == asdict(spec):
+    # as JSON both sides (tuples become lists); a spec written before extra_shapes existed had none
+    if manifest_path.exists() and spec_path.exists() and \
+            {"extra_shapes": [], **json.loads(spec_path.read_text())} == json.loads(json.dumps(asdict(spec))):
         return manifest_path
 
     root.mkdir(parents=True, exist_ok=True)
