@@ -160,12 +160,16 @@ def serve(settings: ErasureSettings, options: ServeOptions | None = None) -> int
         runner = Runner(pause_on_shutdown=False)
         for deployment in deployments(specs):
             runner.add_deployment(deployment)
+        leases = intake.LeaseWatch(settings)
+        leases.scan(post=False)  # what has expired by now, the startup announcement covers
         if posted := intake.announce_pending(settings):  # after a restart: what a stopped run left pending goes on now
             say(f"pending requests found: a batch starts now for {posted} model(s)")
         location = options.inbox or str(settings.home / "inbox")
         if not location.startswith("s3://"):
             Path(location).mkdir(parents=True, exist_ok=True)
-        threads = [_background("inbox", inbox.watch, stop, settings, location, options.inbox_interval_s)]
+        threads = [_background("inbox", inbox.watch, stop, settings, location, options.inbox_interval_s),
+                   # a quarter of a lease: a killed run's request goes on soon after its lease runs out
+                   _background("leases", leases.watch, stop, min(30.0, max(2.0, settings.lease_seconds / 4)))]
         say(f"inbox: drop request .json files into {location}")
         if options.bridge and os.environ.get("ERASURE_BRIDGE_QUEUE_URL"):
             from tasks import bridge

@@ -8,9 +8,9 @@ state); an invalid, conflicting or hopelessly failed one moves to ``failed/<name
 ``failed/<name>.reason.txt`` (one line naming the field). :func:`watch` scans in a loop.
 
 Once a request waits in the ledger, the inbox announces it (``clip-erasure.request.received``) so
-a serving deployment runs a batch now, and again when its attempt's lease runs out (the run was
-killed); the announced ``(request_id, hash, attempts)`` are kept in ``<home>/inbox-state.json`` so
-a 2 s rescan, or a restart, does not post again.
+a serving deployment runs a batch now (when an attempt's lease runs out, the run killed, the
+service's lease watch announces it again); the announced ``(request_id, hash, attempts)`` are kept
+in ``<home>/inbox-state.json`` so a 2 s rescan, or a restart, does not post again.
 
 Request contents (the requester may be personal data) are never logged: only file names, request
 ids and statuses.
@@ -264,10 +264,10 @@ class Inbox:
 
     def _wait(self, name: str, filed: intake.Filed, announced: dict[str, str], still_waiting: dict[str, str]) -> InboxItem:
         state = filed.state
-        # An attempt whose lease ran out (killed, e.g. with its service) changes the key: the request
-        # is announced again then, not only at the next scheduled batch.
-        expired = "|expired" if state.attempts and state.attempts[-1].recorded_status else ""
-        key = f"{state.request_hash}|{len(state.attempts)}{expired}"
+        # Announced once per filing or rerun; an attempt whose lease ran out (killed, e.g. with its
+        # service) is announced again by the service's lease watch (intake.LeaseWatch), not here:
+        # two announcements would start two batches.
+        key = f"{state.request_hash}|{len(state.attempts)}"
         outcome: Outcome = "filed" if filed.filed else "known"
         memory_key = f"{state.request_id}|{key}"
         at_work = state.status in ledger.LEASED or (state.status == "received" and len(state.attempts) > 1)  # a batch opened it

@@ -9,6 +9,8 @@ of at the next schedule.
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -19,6 +21,8 @@ from tasks.locks import exclusive
 from tasks.registry import configure_mlflow
 from tasks.request import ErasureRequest
 from tasks.settings import ErasureSettings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,9 +76,53 @@ def announce(filed: Filed, source: str) -> bool:
     return events.post_event(
         events.REQUEST_RECEIVED, f"clip-erasure.request.{state.request_id}",
         {"request_id": state.request_id, "model": filed.model_name, "source": source},
-        key=f"request|{state.request_id}|{state.request_hash}|{len(state.attempts)}",
+        key=announcement_key(state),
         related=[{"prefect.resource.id": f"clip-erasure.model.{filed.model_name}", "prefect.resource.role": "model"}],
     )
+
+
+def announcement_key(state: ledger.RequestState) -> str:
+    """What makes an announcement of ``state`` unique (the event id derives from it)."""
+    key = f"request|{state.request_id}|{state.request_hash}|{len(state.attempts)}"
+    last = state.attempts[-1] if state.attempts else None
+    # An attempt that stopped without finishing is news: the server skips an event id it has seen,
+    # so the first announcement's id would start nothing.
+    return f"{key}|expired:{last.run_id}" if last and last.recorded_status else key
+
+
+class LeaseWatch:
+    """Announces the requests whose last attempt stopped without finishing (its lease ran out: the
+    run was killed, or its machine died), so that a batch takes them up again now rather than at
+    the next schedule, however they were filed (submit, inbox, bridge): the one place that does."""
+
+    def __init__(self, settings: ErasureSettings):
+        self.settings = settings
+        self._seen: set[str] = set()
+
+    def scan(self, post: bool = True) -> list[str]:
+        """Announce what expired since the last scan; ``post=False`` only notes it (what a startup
+        announcement already covers). Returns the request ids announced."""
+        configure_mlflow(self.settings)
+        announced = []
+        for state in ledger.pending(MlflowClient(), self.settings.experiment):
+            if not (state.attempts and state.attempts[-1].recorded_status) or (key := announcement_key(state)) in self._seen:
+                continue
+            if post:
+                filed = Filed(state, False, state.model_name or self.settings.model_name)
+                if not announce(filed, source="lease-expired"):
+                    continue  # no Prefect server: the scheduled batch finds it in the ledger
+                announced.append(state.request_id)
+            self._seen.add(key)
+        return announced
+
+    def watch(self, interval_s: float, stop: threading.Event) -> None:
+        """Scan every ``interval_s`` seconds until ``stop`` is set (a thread of ``erasure serve``)."""
+        while not stop.wait(interval_s):
+            try:
+                if announced := self.scan():
+                    logger.info("requests whose run stopped without finishing, announced again: %s", ", ".join(announced))
+            except Exception as exc:  # the store or the server away for a moment: the next scan tries again
+                logger.warning("lease watch: scan failed, next one in %.0f s: %s", interval_s, exc)
 
 
 def announce_pending(settings: ErasureSettings, reason: str = "startup") -> int:

@@ -251,3 +251,41 @@ def test_announces_once_to_a_real_prefect_server_and_retries_undelivered(setting
     assert item.outcome == "done" and (folder / "done" / "req.json.report.json").exists()
     assert str(folder) not in json.loads((settings.home / inbox.STATE_FILE).read_text())["inboxes"]
     shutil.rmtree(folder)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_lease_watch_announces_a_stopped_attempt_once_under_the_inbox_event_id(settings):
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    from tasks import intake
+    from tasks.events import REQUEST_RECEIVED, event_id
+    from tasks.request import load_request
+
+    client = MlflowClient(settings.tracking_uri)
+    request_id = f"req-lease-{os.getpid()}-{time.monotonic_ns()}"  # the harness is shared by the session
+    filed = intake.submit(load_request(json.dumps(body(request_id))), settings, client)
+    watch = intake.LeaseWatch(settings)
+    assert watch.scan() == []  # filed, not started: nothing stopped
+    ledger.set_status(client, filed.state.run_id, "running", lease_seconds=0.2)
+    assert watch.scan() == []  # at work, lease live
+    time.sleep(0.3)  # the run "dies": no heartbeat renews its lease
+    stopped = ledger.find(client, settings.experiment, request_id)
+    assert stopped.status == "failed" and stopped.attempts[-1].recorded_status == "running"
+    key = intake.announcement_key(stopped)
+    assert key != f"request|{request_id}|{stopped.request_hash}|1", "the first announcement's id: the server would skip it"
+    assert watch.scan() == [request_id]
+    assert watch.scan() == []  # once per stopped attempt
+
+    # A restarted service notes what its startup announcement covered, and posts nothing for it.
+    restarted = intake.LeaseWatch(settings)
+    assert restarted.scan(post=False) == [] and restarted.scan() == []
+
+    deadline, found = time.monotonic() + 30, []
+    with get_client(sync_client=True) as prefect:
+        while not found and time.monotonic() < deadline:
+            page = prefect.read_events(EventFilter(event=EventNameFilter(name=[REQUEST_RECEIVED])), limit=50)
+            found = [e for e in page.events if e.payload.get("request_id") == request_id]
+            if not found:
+                time.sleep(0.25)
+    assert [(str(e.id), e.payload["source"]) for e in found] == [(event_id(key), "lease-expired")]

@@ -194,8 +194,8 @@ def test_serve_from_an_s3_inbox_through_a_crash_restart_and_a_scheduled_batch(st
         lease_live_at_restart = state("serve-circle").status == "running"
         announced_at_start = "pending requests found" in second.log.read_text()
         assert not (lease_live_at_restart and announced_at_start), "a request still at work was announced as pending"
-        # The usual case: the restart was quicker than the lease, and the inbox announces it once the lease runs out.
-        route = "the restart's pending-requests event" if announced_at_start else "the inbox, once the lease ran out"
+        # The usual case: the restart was quicker than the lease, and the lease watch announces it once the lease runs out.
+        route = "the restart's pending-requests event" if announced_at_start else "the lease watch, once the lease ran out"
         killed = _wait_for(lambda: (s := state("serve-circle")).status != "running" and s, 60, "the killed attempt's lease to run out")
         assert killed.attempts[0].status == "failed" and "without finishing" in killed.attempts[0].reason, killed.attempts[0]
 
