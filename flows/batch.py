@@ -57,6 +57,9 @@ def batch_flow(model_name: str | None = None, settings: ErasureSettings | None =
 
     with ExitStack() as held:
         mine = [r for r in requests if _try_lock(held, f"request:{r.request_id}", settings, logger)]
+        if not mine:  # every one is another run's: waiting for the model would only queue behind it
+            logger.info("every pending request of %s is being worked on by another run", name)
+            return report
         held.enter_context(locks.exclusive(f"model:{name}", settings, timeout_s=settings.lock_timeout_s))
         mine = [r for r in mine if not _answered(client, settings, r, report)]
         runs = {r.request_id: open_attempt(client, settings, experiment_id, r, name) for r in mine}

@@ -177,6 +177,22 @@ def test_a_batch_promotes_the_valid_requests_in_one_version_and_isolates_the_res
     assert again.requests == [] and again.updates == []
 
 
+def test_a_batch_whose_pending_requests_are_all_at_work_elsewhere_does_not_queue_for_the_model(file_locks, monkeypatch):
+    """Another run holds the request and the model: a second batch leaves at once instead of
+    waiting for the model only to find the request done."""
+    from tasks import locks
+
+    monkeypatch.setenv("ERASURE_LOCK_TIMEOUT_S", "5")  # without the early exit: a LockTimeout, not a hang
+    get_settings.cache_clear()
+    settings = get_settings()
+    pending = request("held-2", "square", **QUICK)
+    with locks.exclusive("request:held-2", settings, timeout_s=5), locks.exclusive(f"model:{settings.model_name}", settings, timeout_s=5):
+        started = time.monotonic()
+        report = batch_flow(submit=[pending])
+        assert report.requests == [] and report.updates == [] and time.monotonic() - started < 5
+    assert ledger.find(MlflowClient(), settings.experiment, "held-2").status == "received"  # still pending, for the next batch
+
+
 def test_erasure_batch_cli_fails_a_bad_request_alone_and_reports_it(file_locks, tmp_path, capsys):
     from flows.cli import main
 

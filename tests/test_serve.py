@@ -189,6 +189,7 @@ def test_serve_from_an_s3_inbox_through_a_crash_restart_and_a_scheduled_batch(st
         # Restart at once, as a supervisor would. The batch schedule fires every minute from about
         # when the restart takes the request up again (each scheduled run is a process start: seconds
         # of CPU on 2 cores).
+        restarted_at = datetime.now(timezone.utc)
         second = _Service(env, tmp_path / "serve-2.log", "--inbox", inbox, "--batch-cron", _minutely_from(time.time() + 30))
         services.append(second)
         lease_live_at_restart = state("serve-circle").status == "running"
@@ -203,6 +204,16 @@ def test_serve_from_an_s3_inbox_through_a_crash_restart_and_a_scheduled_batch(st
         # only the scheduled deployment can take them, and it waits for the model while the first runs.
         _wait_for(lambda: len(state("serve-circle").attempts) >= 2, 120, "the restart to take the request up again",
                   second.log, api=second.api)
+        # The schedule and the lease watch's event may both have started a batch for it: the pair is
+        # filed once the one that got it is the only one at work, so no run started before can take it.
+        def others_at_work() -> list[str]:
+            circle_run = client.get_run(state("serve-circle").run_id).data.tags.get("prefect.flow_run_id")
+            runs = httpx.post(f"{second.api}/flow_runs/filter", timeout=10,
+                              json={"flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}}}).json()
+            return [r["name"] for r in runs if r["parent_task_run_id"] is None and r["id"] != circle_run
+                    and datetime.fromisoformat(r["created"]) >= restarted_at]  # the killed service's runs stay RUNNING
+
+        _wait_for(lambda: not others_at_work(), 150, "the restart's other batch runs to finish", second.log, api=second.api)
         pair = [request("serve-square", "square", **QUICK), request("serve-star", "star", **QUICK)]
         for body_ in pair:
             assert intake.submit(load_request(json.dumps(body_)), settings, client).filed
