@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from unlearning.world import COLOURS, EXTRA_SHAPES, SHAPES
+from unlearning.world import COLOURS, EXTRA_SHAPES, SHAPES, WorldSpec
 
 
 def target(kind: str, n: int, shapes: tuple[str, ...] = SHAPES) -> dict:
@@ -59,7 +59,6 @@ def bootstrap_world(world: Path, extra_shapes: list[str]) -> tuple[Path, Path]:
     from unlearning.bootstrap import bootstrap_world_model
     from unlearning.models import save_model
     from unlearning.train import TrainConfig
-    from unlearning.world import WorldSpec
 
     champion = world / "champion"
     spec = WorldSpec(extra_shapes=tuple(extra_shapes))
@@ -117,7 +116,7 @@ def main() -> None:
         args.model, args.manifest = bootstrap_world(args.world, args.extra_shapes)
     elif not (args.model and args.manifest):
         parser.error("give --model and --manifest, or --world (to generate a world and bootstrap its champion)")
-    shapes = SHAPES + tuple(s for s in EXTRA_SHAPES if s in args.extra_shapes)
+    shapes = WorldSpec(extra_shapes=tuple(args.extra_shapes)).shapes
 
     from flows.batch import batch_flow
 

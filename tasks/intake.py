@@ -98,11 +98,11 @@ class LeaseWatch:
     def __init__(self, settings: ErasureSettings):
         self.settings = settings
         self._seen: set[str] = set()
+        configure_mlflow(settings)  # once: the scans run every few seconds
 
     def scan(self, post: bool = True) -> list[str]:
         """Announce what expired since the last scan; ``post=False`` only notes it (what a startup
         announcement already covers). Returns the request ids announced."""
-        configure_mlflow(self.settings)
         announced = []
         for state in ledger.pending(MlflowClient(), self.settings.experiment):
             if not (state.attempts and state.attempts[-1].recorded_status) or (key := announcement_key(state)) in self._seen:

@@ -57,6 +57,23 @@ def by_name(items: list[inbox.InboxItem]) -> dict[str, inbox.InboxItem]:
     return {item.name: item for item in items}
 
 
+def received_events(request_id: str, timeout_s: float = 30) -> list:
+    """The request-received events of ``request_id`` on the current Prefect server, once any arrived."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    from tasks.events import REQUEST_RECEIVED
+
+    deadline, found = time.monotonic() + timeout_s, []
+    with get_client(sync_client=True) as prefect:
+        while not found and time.monotonic() < deadline:
+            page = prefect.read_events(EventFilter(event=EventNameFilter(name=[REQUEST_RECEIVED])), limit=50)
+            found = [e for e in page.events if e.payload.get("request_id") == request_id]
+            if not found:
+                time.sleep(0.25)
+    return found
+
+
 def test_local_inbox_files_waits_refuses_and_finishes(settings, caplog):
     caplog.set_level(logging.DEBUG, logger="tasks.inbox")
     client = MlflowClient(settings.tracking_uri)
@@ -203,11 +220,9 @@ def test_s3_inbox(s3_env, settings):  # s3_env first, so the settings see its en
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_announces_once_to_a_real_prefect_server_and_retries_undelivered(settings, tmp_path):
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.events import REQUEST_RECEIVED, event_id
+    from tasks.events import event_id
 
     folder = tmp_path / "drop"
     folder.mkdir()
@@ -232,14 +247,7 @@ def test_announces_once_to_a_real_prefect_server_and_retries_undelivered(setting
     state = json.loads((settings.home / inbox.STATE_FILE).read_text())
     assert list(state["inboxes"][str(folder)]) == [request_id]
 
-    deadline = time.monotonic() + 30
-    found = []
-    with get_client(sync_client=True) as prefect:
-        while not found and time.monotonic() < deadline:
-            page = prefect.read_events(EventFilter(event=EventNameFilter(name=[REQUEST_RECEIVED])), limit=50)
-            found = [e for e in page.events if e.payload.get("request_id") == request_id]
-            if not found:
-                time.sleep(0.25)
+    found = received_events(request_id)
     assert len(found) == 1, "no clip-erasure.request.received event reached the Prefect server"
     event = found[0]
     assert event.resource.id == f"clip-erasure.request.{request_id}" and event.payload["source"] == "inbox"
@@ -255,11 +263,8 @@ def test_announces_once_to_a_real_prefect_server_and_retries_undelivered(setting
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_lease_watch_announces_a_stopped_attempt_once_under_the_inbox_event_id(settings):
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter
-
     from tasks import intake
-    from tasks.events import REQUEST_RECEIVED, event_id
+    from tasks.events import event_id
     from tasks.request import load_request
 
     client = MlflowClient(settings.tracking_uri)
@@ -281,11 +286,5 @@ def test_lease_watch_announces_a_stopped_attempt_once_under_the_inbox_event_id(s
     restarted = intake.LeaseWatch(settings)
     assert restarted.scan(post=False) == [] and restarted.scan() == []
 
-    deadline, found = time.monotonic() + 30, []
-    with get_client(sync_client=True) as prefect:
-        while not found and time.monotonic() < deadline:
-            page = prefect.read_events(EventFilter(event=EventNameFilter(name=[REQUEST_RECEIVED])), limit=50)
-            found = [e for e in page.events if e.payload.get("request_id") == request_id]
-            if not found:
-                time.sleep(0.25)
+    found = received_events(request_id)
     assert [(str(e.id), e.payload["source"]) for e in found] == [(event_id(key), "lease-expired")]
