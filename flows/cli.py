@@ -23,12 +23,14 @@ Exit codes: 0 promoted (or a dry run whose gates passed), 2 rejected by the gate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from tasks.settings import quiet_telemetry
 
@@ -417,8 +419,10 @@ def _precision_line(settings) -> str:
     return f"training {train.dtype} ({train.reason}); unlearning and evaluation {unlearn.dtype} on {device}"
 
 
-def _embedded_champion(settings, prefix: str) -> Path:
-    """Version 1 of the model (the bootstrapped embedded champion, trained first if needed), downloaded."""
+@contextlib.contextmanager
+def _embedded_champion(settings, prefix: str) -> Iterator[Path]:
+    """Version 1 of the model (the bootstrapped embedded champion, trained first if needed),
+    downloaded for the ``with`` block and removed after it."""
     import tempfile
 
     from flows.bootstrap import bootstrap_flow
@@ -427,7 +431,8 @@ def _embedded_champion(settings, prefix: str) -> Path:
 
     configure_mlflow(settings)
     bootstrap_flow()
-    return registry.download_version(settings.model_name, "1", Path(tempfile.mkdtemp(prefix=prefix)))
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        yield registry.download_version(settings.model_name, "1", Path(scratch))
 
 
 def cmd_oracle(args) -> int:
@@ -437,8 +442,8 @@ def cmd_oracle(args) -> int:
     from unlearning.target import ForgetTarget
 
     settings = _settings()
-    folder = _embedded_champion(settings, "oracle-recipe-")
-    recipe = read_recipe(folder)
+    with _embedded_champion(settings, "oracle-recipe-") as folder:
+        recipe = read_recipe(folder)
     if recipe is None:
         _console().print("version 1 has no training_recipe.json (bootstrapped before recipes were stored): using the bootstrap's defaults")
         recipe = TrainingRecipe()
@@ -468,12 +473,12 @@ def cmd_bench(args) -> int:
 
     settings = _settings()
     # version 1 is the bootstrapped embedded model: every method starts from it, before any erasure
-    folder = _embedded_champion(settings, "bench-champion-")
     manifest = settings.reference_manifest_path
     out = Path(args.out)
-    result = run_bench(str(folder), str(manifest), out, args.methods, args.seeds, args.classes, args.kinds, device=settings.device,
-                       oracle_dir=settings.oracle_dir if args.oracle else None, depth=args.depth or None,
-                       variants=json.loads(Path(args.variants).read_text()) if args.variants else ())
+    with _embedded_champion(settings, "bench-champion-") as folder:
+        result = run_bench(str(folder), str(manifest), out, args.methods, args.seeds, args.classes, args.kinds, device=settings.device,
+                           oracle_dir=settings.oracle_dir if args.oracle else None, depth=args.depth or None,
+                           variants=json.loads(Path(args.variants).read_text()) if args.variants else ())
     bench_plot(result["summary"]).savefig(out / "bench.png", dpi=120)
     written = [out / "bench.json", out / "bench.md", out / "bench.png"]
     for kind in sorted({e["kind"] for e in result["summary"] if e.get("depth/knn")}):

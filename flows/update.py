@@ -14,7 +14,10 @@ fail comes back ``split`` and the batch flow divides it.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from pathlib import Path
+
 import mlflow
 from mlflow import MlflowClient
 from prefect import flow
@@ -39,6 +42,15 @@ def update_flow(requests: list[ErasureRequest], runs: dict[str, str], settings: 
 
     ``raise_invalid``: a request that fails validation raises (the one-request flow) instead of
     failing alone (batches)."""
+    # What this update fetches from S3 (forget images among it) is gone when it ends, whatever the end.
+    if settings.fetch_dir is not None:
+        settings.fetch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="erasure-fetched-", dir=settings.fetch_dir) as fetched:
+        return _update(requests, runs, settings.model_copy(update={"fetch_dir": Path(fetched)}), name, raise_invalid)
+
+
+def _update(requests: list[ErasureRequest], runs: dict[str, str], settings: ErasureSettings, name: str,
+            raise_invalid: bool) -> tuple[UpdateReport | None, list[RequestOutcome]]:
     started = time.perf_counter()
     client = MlflowClient()
     reference = reference_for_champion(settings, name)  # the data the champion was registered and scored with

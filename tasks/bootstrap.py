@@ -48,10 +48,11 @@ def bootstrap_champion(settings: ErasureSettings, spec: WorldSpec, config: Train
         class_result = result.evaluation.confusions["class"]
         mlflow.log_figure(confusion_plot(class_result.confusion, class_result.classnames, "bootstrap: shape confusion"), "plots/confusion.png")
         mlflow.log_figure(history_plot(result.history, ["loss"], "bootstrap training loss"), "plots/training_loss.png")
-        folder = save_model(result.bundle, Path(tempfile.mkdtemp(prefix="bootstrap-")))
-        write_recipe(folder, TrainingRecipe(model_name=model_name, train=config, image_size=spec.image_size))  # its oracle's recipe
         tags = {**lineage_tags([], [], None), "status": "champion", "erasure.method": "bootstrap", "erasure.world_seed": str(spec.seed)}
-        version = registry.register_model_folder(folder, settings, tags=tags, run_id=run.info.run_id)
+        with tempfile.TemporaryDirectory(prefix="bootstrap-") as scratch:
+            folder = save_model(result.bundle, Path(scratch))
+            write_recipe(folder, TrainingRecipe(model_name=model_name, train=config, image_size=spec.image_size))  # its oracle's recipe
+            version = registry.register_model_folder(folder, settings, tags=tags, run_id=run.info.run_id)
         registry.set_alias(settings.model_name, "champion", str(version.version))
         logger.info("bootstrapped %s v%s: shape %.1f %%, colour %.1f %%", settings.model_name, version.version,
                     100 * shape_accuracy, 100 * metrics.get("heldout/colour", float("nan")))

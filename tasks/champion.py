@@ -24,6 +24,7 @@ from tasks.settings import ErasureSettings
 from tasks.retry import only_transient
 from unlearning.methods.base import ForgetTarget
 from unlearning.models import ClipBundle, load_model
+from unlearning.oracle import TrainingRecipe, read_recipe
 
 TARGETS, REQUEST_IDS, PARENT = "erasure.targets", "erasure.request_ids", "erasure.parent_version"
 LINEAGE_RETAIN_DROP = "erasure.lineage_retain_drop"  # retain accuracy lost since the first champion, summed over its erasures
@@ -36,7 +37,7 @@ class Champion:
 
     name: str
     version: str
-    folder: Path
+    recipe: TrainingRecipe | None  # how it was trained, when known: its oracles are trained the same way
     bundle: ClipBundle
     targets: list[ForgetTarget] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
@@ -65,11 +66,15 @@ def load_champion(settings: ErasureSettings, model_name: str | None = None, alia
     if version is None:
         raise LookupError(f"registered model {name!r} has no {alias!r} alias: run `erasure demo` (bootstraps the embedded "
                           f"champion) or register your model and set its alias")
-    folder = registry.download_version(name, version.version, Path(tempfile.mkdtemp(prefix=f"{name}-v{version.version}-")))
+    # The download goes once the weights are in memory: a copy left on disk per load filled CI's disk,
+    # and one of an older version would keep what later erasures removed.
+    with tempfile.TemporaryDirectory(prefix=f"{name}-v{version.version}-") as scratch:
+        folder = registry.download_version(name, version.version, Path(scratch))
+        bundle = load_model(f"local-dir:{folder}", device=device or settings.device)
+        recipe = read_recipe(folder)
     targets, request_ids = carried(version.tags)
-    bundle = load_model(f"local-dir:{folder}", device=device or settings.device)
     get_run_logger().info("champion %s v%s carries %d earlier erasure(s)", name, version.version, len(targets))
-    return Champion(name, str(version.version), folder, bundle, targets, request_ids, version.tags.get(HELDOUT_SUITE),
+    return Champion(name, str(version.version), recipe, bundle, targets, request_ids, version.tags.get(HELDOUT_SUITE),
                     float(version.tags.get(LINEAGE_RETAIN_DROP, 0.0)))
 
 

@@ -50,7 +50,7 @@ def local_manifest(uri: str | None, settings: ErasureSettings) -> Path | None:
     if not uri:
         return None
     if storage.is_s3(uri):
-        return storage.fetch_manifest(uri, Path(tempfile.mkdtemp(prefix="manifest-")), settings)
+        return storage.fetch_manifest(uri, Path(tempfile.mkdtemp(prefix="manifest-", dir=settings.fetch_dir)), settings)
     path = Path(uri)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {uri} does not exist: give a readable .jsonl/.csv path or an s3:// URI")

@@ -26,7 +26,7 @@ from tasks.settings import ErasureSettings
 from unlearning.depth import depth_measures
 from unlearning.evaluation import Gate
 from unlearning.models import load_model
-from unlearning.oracle import cached_oracle, read_recipe
+from unlearning.oracle import TrainingRecipe, cached_oracle
 
 GATE_DESCRIPTIONS = {
     "relearn_accuracy": "target accuracy after 10 relearning steps on 8 of its images (a shallow erasure comes straight back)",
@@ -48,11 +48,10 @@ class DepthEvidence:
         return {"targets": self.targets, "oracle": self.oracle_version, "seconds": round(self.seconds, 2)}
 
 
-def find_oracle(settings: ErasureSettings, champion_folder: Path, targets) -> Path | None:
+def find_oracle(settings: ErasureSettings, recipe: TrainingRecipe | None, targets) -> Path | None:
     """The cached oracle for every target the candidate carries, trained with the champion's recipe
     on its reference data; None when the champion has no recipe (a model trained elsewhere) or no
     oracle is cached."""
-    recipe = read_recipe(champion_folder)
     manifest = settings.reference_manifest_path
     if recipe is None or not manifest.exists():
         return None
@@ -87,7 +86,7 @@ def measure_depth(plan, champion, unlearned, settings: ErasureSettings) -> Depth
     reference = plan.data[plan.request_ids[0]].reference
     image_size = champion.bundle.image_size
     cache_dir = cache_folder(settings, "images")
-    oracle = find_oracle(settings, champion.folder, plan.all_targets)
+    oracle = find_oracle(settings, champion.recipe, plan.all_targets)
     evidence = DepthEvidence(oracle_version=oracle.name if oracle else None)
     candidate = unlearned.best.bundle
     for target in new_targets:

@@ -70,13 +70,14 @@ def load_model_to_register(model_ref: str, settings: ErasureSettings) -> ClipBun
         raise RegistrationError(f"model {ref}: an architecture name without weights would register a randomly "
                                 f"initialised model — {MODEL_FIX}")
     try:
-        if storage.is_s3(ref):
-            ref = storage.resolve_model_ref(ref, settings, tempfile.mkdtemp(prefix="register-model-"))
-            folder = _local_folder(ref)
-        if folder is not None:
-            _check_folder(folder, model_ref)
-            ref = LOCAL_DIR + str(folder)  # a bare or ~ path, spelled the way load_model reads folders
-        bundle = load_model(ref, device=settings.device)
+        with tempfile.TemporaryDirectory(prefix="register-model-") as scratch:  # an S3 model's download goes once it is loaded
+            if storage.is_s3(ref):
+                ref = storage.resolve_model_ref(ref, settings, scratch)
+                folder = _local_folder(ref)
+            if folder is not None:
+                _check_folder(folder, model_ref)
+                ref = LOCAL_DIR + str(folder)  # a bare or ~ path, spelled the way load_model reads folders
+            bundle = load_model(ref, device=settings.device)
     except RegistrationError:
         raise
     except json.JSONDecodeError as exc:
@@ -207,12 +208,14 @@ def register_baseline(settings: ErasureSettings, name: str, model_ref: str, bund
         classes = evaluation.confusions["class"]
         mlflow.log_figure(confusion_plot(classes.confusion, classes.classnames, f"{model_ref}: confusion"), "plots/confusion.png")
         # Re-saved, not copied: the registry gets open_clip's layout with safetensors only, whatever else the folder held.
-        folder = save_model(bundle, Path(tempfile.mkdtemp(prefix="register-")))
         tags = {**lineage_tags([], [], None), "status": "candidate", "erasure.method": "register", SOURCE_MODEL: model_ref,
                 REFERENCE_MANIFEST: str(reference.path), REFERENCE_HASH: reference.sha, "erasure.baseline_accuracy": f"{accuracy:.6f}",
                 HELDOUT_SUITE: baseline.heldout.reference,
                 "prefect.flow_run_id": flow_run_id}
-        version = registry.register_model_folder(folder, settings.model_copy(update={"model_name": name}), tags=tags, run_id=run.info.run_id)
+        with tempfile.TemporaryDirectory(prefix="register-") as scratch:
+            folder = save_model(bundle, Path(scratch))
+            version = registry.register_model_folder(folder, settings.model_copy(update={"model_name": name}), tags=tags,
+                                                     run_id=run.info.run_id)
     get_run_logger().info("registered %s v%s from %s: zero-shot accuracy %.1f %% on %d test images", name, version.version,
                           model_ref, 100 * accuracy, len(reference.test))
     return {"version": str(version.version), "run_id": run.info.run_id, "accuracy": accuracy}

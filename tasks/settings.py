@@ -45,6 +45,10 @@ class ErasureSettings(BaseSettings):
     # Where people browse runs: the tracking server itself, else `make ui`'s address.
     mlflow_ui_url: str | None = None
 
+    # Where manifests and images fetched from S3 go during one update (the update removes them: forget
+    # images among them); None: a temporary folder per update.
+    fetch_dir: Path | None = None
+
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     # Buckets that manifests may reference; empty means only the manifest's own bucket.

@@ -48,7 +48,7 @@ from unlearning.evaluation import EvalSet, Evaluation
 from unlearning.methods import get_method
 from unlearning.methods.base import ForgetTarget, LabelledImages, UnlearningData, supports_joint
 from unlearning.models import save_model
-from unlearning.oracle import carry_recipe
+from unlearning.oracle import write_recipe
 from unlearning.precision import resolve_precision
 
 DEPTH_GATES = ("max_relearn_accuracy", "max_knn_recall", "max_mia_distance")
@@ -409,7 +409,9 @@ def register_update(settings: ErasureSettings, name: str, plan: UpdatePlan, unle
             LINEAGE_RETAIN_DROP: f"{report.lineage_retain_drop:.6f}",
             "status": "candidate"}
     with tempfile.TemporaryDirectory(prefix="candidate-") as folder:
-        carry_recipe(champion.folder, save_model(unlearned.best.bundle, Path(folder)))
+        save_model(unlearned.best.bundle, Path(folder))
+        if champion.recipe is not None:  # the lineage keeps the recipe its oracles are trained with
+            write_recipe(folder, champion.recipe)
         version = registry.register_model_folder(Path(folder),
                                                  settings.model_copy(update={"model_name": name}), tags=tags, run_id=run_id)
     return str(version.version)

@@ -137,6 +137,28 @@ def test_forget_row_of_another_class_is_refused_naming_it(store, tmp_path, small
     untouched(store)
 
 
+def test_a_forget_set_fetched_from_s3_is_gone_when_its_update_ends(store, s3_env, tmp_path, small_records, monkeypatch):
+    from tasks.settings import get_settings
+    from tasks.storage import upload_folder
+
+    manifest = forget_manifest(tmp_path, small_records)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows = [{**r, "image_path": f"images/{Path(r['image_path']).name}"} for r in rows]  # relative: fetched with the manifest
+    rows[2]["label"] = "square"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bucket = s3_env.create_bucket()
+    upload_folder(manifest.parent, f"s3://{bucket}/requests/fetched")
+    fetched = tmp_path / "fetched"
+    monkeypatch.setenv("ERASURE_FETCH_DIR", str(fetched))
+    get_settings.cache_clear()
+    # the refusal names the manifest by its local copy: it was fetched under the fetch folder
+    with pytest.raises(ValueError, match=rf"^forget manifest {fetched}/erasure-fetched-\w+/manifest-\w+/{bucket}/requests/fetched/manifest.jsonl: "
+                                         r"check forget_row_in_target failed for 1 row"):
+        run("fetched-then-refused", forget_manifest=f"s3://{bucket}/requests/fetched/manifest.jsonl")
+    assert fetched.is_dir() and not list(fetched.iterdir())  # the forget images left with the update
+    untouched(store)
+
+
 def test_unknown_subgroup_value_fails_before_any_work_listing_known_values(store, monkeypatch):
     import tasks.data
 

@@ -8,7 +8,7 @@ import pytest
 
 from unlearning.data import read_manifest
 from unlearning.models import load_model
-from unlearning.oracle import (TrainingRecipe, cached_oracle, carry_recipe, oracle_folder, read_recipe, train_oracle, without_targets,
+from unlearning.oracle import (TrainingRecipe, cached_oracle, oracle_folder, read_recipe, train_oracle, without_targets,
                                write_recipe)
 from unlearning.target import ForgetTarget
 from unlearning.train import TrainConfig
@@ -63,14 +63,13 @@ def test_an_oracle_needs_a_target_that_names_train_images(tiny_world, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
 
 
-def test_the_recipe_travels_down_the_lineage(tmp_path):
-    parent, child, stranger = tmp_path / "parent", tmp_path / "child", tmp_path / "stranger"
-    for folder in (parent, child, stranger):
+def test_a_recipe_is_stored_beside_the_weights(tmp_path):
+    model, stranger = tmp_path / "model", tmp_path / "stranger"
+    for folder in (model, stranger):
         folder.mkdir()
-    write_recipe(parent, TINY)
-    assert read_recipe(carry_recipe(parent, child)) == TINY
-    assert read_recipe(carry_recipe(stranger, tmp_path / "child")) == TINY  # a parent without one changes nothing
-    assert read_recipe(stranger) is None
+    write_recipe(model, TINY)
+    assert read_recipe(model) == TINY
+    assert read_recipe(stranger) is None  # a model trained elsewhere
 
 
 def test_the_pipeline_finds_the_oracle_of_its_champion(tiny_world, tmp_path):
@@ -78,11 +77,8 @@ def test_the_pipeline_finds_the_oracle_of_its_champion(tiny_world, tmp_path):
     from tasks.settings import ErasureSettings
 
     settings = ErasureSettings(home=tmp_path / "home", reference_manifest=tiny_world, oracle_dir=tmp_path / "oracles")
-    champion = tmp_path / "champion"
-    champion.mkdir()
-    assert find_oracle(settings, champion, [CIRCLE]) is None  # a model trained elsewhere has no recipe
-    write_recipe(champion, TINY)
-    assert find_oracle(settings, champion, [CIRCLE]) is None  # none trained yet
+    assert find_oracle(settings, None, [CIRCLE]) is None  # a model trained elsewhere has no recipe
+    assert find_oracle(settings, TINY, [CIRCLE]) is None  # none trained yet
     trained = train_oracle(tiny_world, [CIRCLE], TINY, settings.oracle_dir, progress=False)
-    assert find_oracle(settings, champion, [CIRCLE]) == trained
-    assert find_oracle(settings, champion, [CIRCLE, ForgetTarget(kind="class", class_name="square")]) is None  # carries more
+    assert find_oracle(settings, TINY, [CIRCLE]) == trained
+    assert find_oracle(settings, TINY, [CIRCLE, ForgetTarget(kind="class", class_name="square")]) is None  # carries more

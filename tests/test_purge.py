@@ -125,6 +125,20 @@ def test_rollback_inside_the_window_still_works(mlflow_store, model_dirs, capsys
     assert ledger.find(MlflowClient(), mlflow_store.experiment, "req-a").status == "pending"
 
 
+def test_loading_the_champion_leaves_no_copy_of_its_weights_behind(mlflow_store, model_dirs, tmp_path, monkeypatch):  # noqa: F811
+    import tempfile
+
+    from tasks.champion import load_champion
+
+    ids = _champion_history(mlflow_store, model_dirs)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    champion = load_champion(mlflow_store)
+    assert champion.version == ids["v2"] and champion.bundle.model is not None
+    assert not list(scratch.rglob(WEIGHTS_FILE))  # each load once left a 34 MB copy in /tmp: CI's disk filled
+
+
 def test_cli_purge_dry_run_lists_and_changes_nothing(mlflow_store, model_dirs, capsys, monkeypatch):  # noqa: F811
     monkeypatch.setenv("COLUMNS", "200")  # one table row per line
     name = mlflow_store.model_name

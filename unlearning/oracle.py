@@ -111,12 +111,3 @@ def train_oracle(manifest: str | Path, targets: Sequence[ForgetTarget], recipe: 
                                                   "manifest": str(manifest)}, indent=1))
     tmp.replace(folder)
     return folder
-
-
-def carry_recipe(parent: str | Path, child: str | Path) -> Path:
-    """Copy the parent model's recipe (if any) into an erased child's folder: the lineage keeps
-    the recipe its oracles are trained with. Returns ``child``."""
-    recipe = read_recipe(parent)
-    if recipe is not None:
-        write_recipe(child, recipe)
-    return Path(child)
