@@ -25,6 +25,7 @@ from tasks.report import metric_name, plt
 from tasks.settings import ErasureSettings
 from unlearning.depth import depth_measures
 from unlearning.evaluation import Gate
+from unlearning.image_cache import ImageCache
 from unlearning.models import load_model
 from unlearning.oracle import TrainingRecipe, cached_oracle
 
@@ -63,7 +64,7 @@ def _digest(target, reference) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _oracle_measures(folder: Path, target, reference, image_size: int, cache_dir: Path, device) -> dict[str, float]:
+def _oracle_measures(folder: Path, target, reference, image_size: int, cache_dir: ImageCache, device) -> dict[str, float]:
     """The oracle's measures of ``target``, computed once per oracle and target (kept beside it)."""
     stored = folder / f"depth-{target.name.replace(' ', '_')[:60]}.json"
     if stored.exists():
@@ -85,13 +86,17 @@ def measure_depth(plan, champion, unlearned, settings: ErasureSettings) -> Depth
     new_targets = plan.all_targets[len(champion.targets):]
     reference = plan.data[plan.request_ids[0]].reference
     image_size = champion.bundle.image_size
-    cache_dir = cache_folder(settings, "images")
+    cache_dir = ImageCache(cache_folder(settings, "images"))  # one cache object: its decoded shards stay in memory across targets
     oracle = find_oracle(settings, champion.recipe, plan.all_targets)
     evidence = DepthEvidence(oracle_version=oracle.name if oracle else None)
     candidate = unlearned.best.bundle
+    # Each model's image features, shared by every target of the batch: the test split and the probe
+    # bank are the same for all of them (10 targets once encoded them 10 times, most of 104 s).
+    encoded: dict[int, dict] = {id(champion.bundle): {}, id(candidate): {}}
     for target in new_targets:
         def measure(bundle):
-            return depth_measures(bundle.model, bundle.tokenizer, target, reference, image_size=image_size, cache_dir=cache_dir)
+            return depth_measures(bundle.model, bundle.tokenizer, target, reference, image_size=image_size, cache_dir=cache_dir,
+                                  encoded=encoded[id(bundle)])
 
         # The champion's values are the same for every update that starts from it (a batch split, a retry).
         kept = cache_folder(settings, "depth") / f"{champion.name}-v{champion.version}-{_digest(target, reference)}.json"

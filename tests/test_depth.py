@@ -165,3 +165,25 @@ def test_depth_measures_of_an_association_are_its_pairs_only(trained_bundle, sma
     assert depth_measures(model, tokenizer, target, reference, image_size=32, images={"test": test_images}) == measures
     with pytest.raises(ValueError, match=r"images\['test'\]"):
         depth_measures(model, tokenizer, target, reference, image_size=32, images={"test": test_images[:5]})
+
+
+def test_targets_of_one_model_share_its_image_features(trained_bundle, reference, test_images, monkeypatch):
+    import unlearning.depth
+
+    model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
+    targets = [ForgetTarget(kind="class", class_name=c) for c in ("circle", "square")]
+    alone = [depth_measures(model, tokenizer, t, reference, image_size=32, images={"test": test_images}) for t in targets]
+
+    encoded_rows = []
+    encode = unlearning.depth.encode_images
+    monkeypatch.setattr(unlearning.depth, "encode_images", lambda m, pixels, *a, **k: encoded_rows.append(len(pixels)) or encode(m, pixels, *a, **k))
+    memo: dict = {}
+    shared = [depth_measures(model, tokenizer, targets[0], reference, image_size=32, images={"test": test_images}, encoded=memo)]
+    first = sum(encoded_rows)
+    shared.append(depth_measures(model, tokenizer, targets[1], reference, image_size=32, images={"test": test_images}, encoded=memo))
+    second = sum(encoded_rows) - first
+
+    for one, other in zip(alone, shared):
+        assert one.keys() == other.keys() and all(other[k] == pytest.approx(v, abs=1e-4) for k, v in one.items())
+    assert first >= len(test_images) + 256  # the test split, the probe bank, the members, the val images
+    assert 0 < second <= 256  # the second target's own members only: nothing else is encoded again

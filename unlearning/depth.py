@@ -219,7 +219,8 @@ def depth_measures(model: torch.nn.Module, tokenizer, target: ForgetTarget, refe
                    seed: int = 0, shots: int = 8, relearn_checkpoints: Sequence[int] = RELEARN_CHECKPOINTS, relearn_lr: float = 1e-4,
                    probe_train: int = 2000, probe_val: int = 512, knn_k: int = 10, max_members: int = 256, test_split: str = "test",
                    images: dict[str, torch.Tensor] | None = None,
-                   cache_dir: str | os.PathLike | ImageCache | None = None) -> dict[str, float]:
+                   cache_dir: str | os.PathLike | ImageCache | None = None,
+                   encoded: dict[tuple[str, int], torch.Tensor] | None = None) -> dict[str, float]:
     """Every depth measure of ``model`` for one target on the reference data (protocols: ``docs/depth.md``).
 
     Class and subgroup targets get all of them; association targets only ``depth/mia_auc`` (on
@@ -244,6 +245,9 @@ def depth_measures(model: torch.nn.Module, tokenizer, target: ForgetTarget, refe
         images: already decoded images of whole splits (``{split: uint8 N x 3 x S x S}``, in the
             order of ``reference``'s rows of that split), so that they are not decoded again.
         cache_dir: image cache for the rest (:func:`unlearning.image_cache.cached_load_images`).
+        encoded: this model's image features from earlier calls, by (split, row), filled in here: one
+            dict per model across a batch's targets encodes each image once (the test split and
+            the probe bank are the same for every target). The model must not change in between.
     """
     if shots < 1:
         raise ValueError(f"shots: {shots} — the relearning attacker needs at least one image, e.g. 8")
@@ -262,21 +266,27 @@ def depth_measures(model: torch.nn.Module, tokenizer, target: ForgetTarget, refe
             return images[split][torch.as_tensor(list(index), dtype=torch.long)]
         return cached_load_images([splits[split][i] for i in index], image_size, cache_dir)
 
-    def features(split: str, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = load(split, index)
-        return pixels, (encode_images(model, pixels).cpu() if len(index) else torch.empty(0, 0))
+    memo = {} if encoded is None else encoded
+
+    def features(split: str, index: Sequence[int]) -> torch.Tensor:
+        index = list(index)
+        missing = list(dict.fromkeys(i for i in index if (split, i) not in memo))
+        if missing:
+            for i, row in zip(missing, encode_images(model, load(split, missing)).cpu()):
+                memo[(split, i)] = row
+        return torch.stack([memo[(split, i)] for i in index]) if index else torch.empty(0, 0)
 
     train, test = splits["train"], splits[test_split]
     # The members in build_unlearning_data's order, so that the attack picks relearn_test's images.
     train_position = {id(r): i for i, r in enumerate(train)}
     member_index = [train_position[id(r)] for r in _spread([r for r in train if target.matches(r)], max_members, seed)]
     test_target = [i for i, r in enumerate(test) if target.matches(r)]
-    test_pixels, test_feats = features(test_split, range(len(test)))
+    test_feats = features(test_split, range(len(test)))
     bank = sorted({r.caption for r in test})
     out: dict[str, float] = {}
 
     if target.kind == "association":
-        _, member_feats = features("train", member_index)
+        member_feats = features("train", member_index)
         if member_index and test_target:
             texts_in, texts_out = [train[i].caption for i in member_index], [test[i].caption for i in test_target]
             out["depth/mia_auc"] = _membership_auc(model, tokenizer, member_feats, texts_in, test_feats[test_target], texts_out,
@@ -302,15 +312,15 @@ def depth_measures(model: torch.nn.Module, tokenizer, target: ForgetTarget, refe
     probe_index = _stratified(train, train_labels, probe_train, seed)
     union = sorted(set(probe_index) | set(member_index))
     position = {i: j for j, i in enumerate(union)}
-    union_pixels, union_feats = features("train", union)
+    union_feats = features("train", union)
     union_labels = torch.tensor([train_labels[i] for i in union], dtype=torch.long)
     probe_rows = torch.tensor([position[i] for i in probe_index], dtype=torch.long)
     member_rows = torch.tensor([position[i] for i in member_index], dtype=torch.long)
     target_rows = torch.tensor(test_target, dtype=torch.long)
 
     if member_index and test_target:
-        members = LabelledImages(union_pixels[member_rows], [train[i].caption for i in member_index], union_labels[member_rows])
-        evaluation = LabelledImages(test_pixels[target_rows], [test[i].caption for i in test_target], test_labels[target_rows])
+        members = LabelledImages(load("train", member_index), [train[i].caption for i in member_index], union_labels[member_rows])
+        evaluation = LabelledImages(load(test_split, test_target), [test[i].caption for i in test_target], test_labels[target_rows])
         order = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed))
         curve = relearn_curve(model, tokenizer, members.subset(order[:shots]), evaluation, classnames,
                               checkpoints=relearn_checkpoints, lr=relearn_lr)
@@ -322,7 +332,7 @@ def depth_measures(model: torch.nn.Module, tokenizer, target: ForgetTarget, refe
         val_index = _stratified(val, val_labels, probe_val, seed) if val else []
         train_x, train_y = union_feats[probe_rows], (union_labels[probe_rows] == target_label).long()
         if val_index and 0 < int(train_y.sum()) < len(train_y):
-            _, val_x = features("val", val_index)
+            val_x = features("val", val_index)
             val_y = torch.tensor([val_labels[i] == target_label for i in val_index], dtype=torch.long)
             known = test_labels >= 0
             out["depth/probe"] = linear_probe_accuracy(train_x, train_y, val_x, val_y, test_feats[known],
