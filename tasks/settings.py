@@ -91,9 +91,9 @@ class ErasureSettings(BaseSettings):
 
     # Batches: at most this many requests in one run of the batch flow (the most urgent first).
     batch_max_requests: int = 16
-    # Targets one method run forgets together; more run in sequence inside the same update. Two
-    # measured well (both 0 % left at the cost of one); five in one CLIPErase run did not forget.
-    joint_max_targets: int = Field(default=2, ge=1)
+    # Targets one method run forgets together; more run in sequence inside the same update. Ten
+    # forgot together in one CLIPErase run with its wide-joint settings (docs/benchmarks.md, batches).
+    joint_max_targets: int = Field(default=10, ge=1)
     # How long a run waits for another erasure of the same model (or request) before giving up.
     lock_timeout_s: float = 3600.0
 

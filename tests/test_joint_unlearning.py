@@ -154,3 +154,19 @@ def test_joint_stop_rule_waits_for_the_worst_target(trained_bundle, reference):
 
 # One joint CLIPErase run forgetting circle and square while the others keep the gates is tested end to end
 # by tests/test_lifecycle.py (the batch test); a library-level copy of it cost another minute of CI.
+
+
+@pytest.mark.parametrize("count, every", [(2, 1), (3, 5)])
+def test_a_run_of_three_targets_or_more_takes_the_wide_joint_settings(trained_bundle, reference, count, every):
+    from unlearning.methods.cliperase import CLIPEraseConfig
+
+    shapes = sorted({r.label for r in reference})[:count]
+    data = build_joint_unlearning_data([ForgetTarget(kind="class", class_name=c) for c in shapes], reference, 32,
+                                       max_forget=32, max_retain=128, max_val=16)
+    config = {"max_steps": 10, "stop_forget_accuracy": -1.0, "anchor_random_words": 4}  # never stops: all ten steps run
+    result = run_method("cliperase", copy.deepcopy(trained_bundle.model), trained_bundle.tokenizer, data.forget_targets[0], data, config,
+                        original=copy.deepcopy(trained_bundle.model).requires_grad_(False))
+
+    checked = [row["step"] for row in result.history if "forget_accuracy" in row]
+    assert checked == list(range(0, 11, every))  # the stop set is checked every `every` steps (and at the last)
+    assert CLIPEraseConfig().for_targets(count).lr == (2e-4 if count >= 3 else 3e-5)
