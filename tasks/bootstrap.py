@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -14,8 +13,8 @@ from tasks.champion import lineage_tags
 from tasks.report import confusion_plot, history_plot, image_grid, per_class_plot
 from tasks.settings import ErasureSettings
 from unlearning.bootstrap import bootstrap_world_model
-from unlearning.models import count_parameters, pick_device, save_model
-from unlearning.oracle import TrainingRecipe, write_recipe
+from unlearning.models import count_parameters, pick_device
+from unlearning.oracle import TrainingRecipe
 from unlearning.precision import resolve_precision
 from unlearning.train import TrainConfig
 from unlearning.world import WorldSpec
@@ -49,10 +48,8 @@ def bootstrap_champion(settings: ErasureSettings, spec: WorldSpec, config: Train
         mlflow.log_figure(confusion_plot(class_result.confusion, class_result.classnames, "bootstrap: shape confusion"), "plots/confusion.png")
         mlflow.log_figure(history_plot(result.history, ["loss"], "bootstrap training loss"), "plots/training_loss.png")
         tags = {**lineage_tags([], [], None), "status": "champion", "erasure.method": "bootstrap", "erasure.world_seed": str(spec.seed)}
-        with tempfile.TemporaryDirectory(prefix="bootstrap-") as scratch:
-            folder = save_model(result.bundle, Path(scratch))
-            write_recipe(folder, TrainingRecipe(model_name=model_name, train=config, image_size=spec.image_size))  # its oracle's recipe
-            version = registry.register_model_folder(folder, settings, tags=tags, run_id=run.info.run_id)
+        recipe = TrainingRecipe(model_name=model_name, train=config, image_size=spec.image_size)  # its oracles are trained with it
+        version = registry.register_bundle(result.bundle, settings, tags, run.info.run_id, recipe)
         registry.set_alias(settings.model_name, "champion", str(version.version))
         logger.info("bootstrapped %s v%s: shape %.1f %%, colour %.1f %%", settings.model_name, version.version,
                     100 * shape_accuracy, 100 * metrics.get("heldout/colour", float("nan")))

@@ -66,8 +66,8 @@ def load_champion(settings: ErasureSettings, model_name: str | None = None, alia
     if version is None:
         raise LookupError(f"registered model {name!r} has no {alias!r} alias: run `erasure demo` (bootstraps the embedded "
                           f"champion) or register your model and set its alias")
-    # The download goes once the weights are in memory: a copy left on disk per load filled CI's disk,
-    # and one of an older version would keep what later erasures removed.
+    # The download goes once the weights are in memory: a copy of a version left on disk would keep
+    # what later erasures removed, out of the purge's reach.
     with tempfile.TemporaryDirectory(prefix=f"{name}-v{version.version}-") as scratch:
         folder = registry.download_version(name, version.version, Path(scratch))
         bundle = load_model(f"local-dir:{folder}", device=device or settings.device)

@@ -91,7 +91,7 @@ def measure_depth(plan, champion, unlearned, settings: ErasureSettings) -> Depth
     evidence = DepthEvidence(oracle_version=oracle.name if oracle else None)
     candidate = unlearned.best.bundle
     # Each model's image features, shared by every target of the batch: the test split and the probe
-    # bank are the same for all of them (10 targets once encoded them 10 times, most of 104 s).
+    # bank are the same for all of them.
     encoded: dict[int, dict] = {id(champion.bundle): {}, id(candidate): {}}
     for target in new_targets:
         def measure(bundle):

@@ -29,7 +29,7 @@ from tasks.validation import ValidationReport, validate_manifest_file
 from unlearning.data import Record, read_manifest
 from unlearning.evaluation import Evaluation, evaluate
 from unlearning.heldout import HeldoutInfo
-from unlearning.models import CONFIG_FILE, LOCAL_DIR, WEIGHTS_FILE, ClipBundle, count_parameters, load_model, save_model
+from unlearning.models import CONFIG_FILE, LOCAL_DIR, WEIGHTS_FILE, ClipBundle, count_parameters, load_model
 
 REFERENCE_MANIFEST, REFERENCE_HASH = "erasure.reference_manifest", "erasure.reference_manifest_hash"
 SOURCE_MODEL = "erasure.source_model"
@@ -212,10 +212,7 @@ def register_baseline(settings: ErasureSettings, name: str, model_ref: str, bund
                 REFERENCE_MANIFEST: str(reference.path), REFERENCE_HASH: reference.sha, "erasure.baseline_accuracy": f"{accuracy:.6f}",
                 HELDOUT_SUITE: baseline.heldout.reference,
                 "prefect.flow_run_id": flow_run_id}
-        with tempfile.TemporaryDirectory(prefix="register-") as scratch:
-            folder = save_model(bundle, Path(scratch))
-            version = registry.register_model_folder(folder, settings.model_copy(update={"model_name": name}), tags=tags,
-                                                     run_id=run.info.run_id)
+        version = registry.register_bundle(bundle, settings.model_copy(update={"model_name": name}), tags, run.info.run_id)
     get_run_logger().info("registered %s v%s from %s: zero-shot accuracy %.1f %% on %d test images", name, version.version,
                           model_ref, 100 * accuracy, len(reference.test))
     return {"version": str(version.version), "run_id": run.info.run_id, "accuracy": accuracy}

@@ -149,6 +149,19 @@ def configure_mlflow(settings: ErasureSettings | None = None) -> str:
     return experiment_id
 
 
+def register_bundle(bundle, settings: ErasureSettings | None, tags: dict, run_id: str | None = None, recipe=None) -> ModelVersion:
+    """Save a loaded model (an ``unlearning.models.ClipBundle``), with its training recipe when
+    known, and register it as :func:`register_model_folder` does; the saved folder goes once logged."""
+    from unlearning.models import save_model
+    from unlearning.oracle import write_recipe
+
+    with tempfile.TemporaryDirectory(prefix="register-") as scratch:
+        folder = save_model(bundle, Path(scratch))
+        if recipe is not None:
+            write_recipe(folder, recipe)
+        return register_model_folder(folder, settings, tags, run_id)
+
+
 def register_model_folder(folder: str | Path, settings: ErasureSettings | None, tags: dict, run_id: str | None = None) -> ModelVersion:
     """Log an open_clip model folder as a pyfunc and register it as a new version.
 

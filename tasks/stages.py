@@ -47,8 +47,6 @@ from unlearning.erasure_data import build_joint_unlearning_data, evaluation_reco
 from unlearning.evaluation import EvalSet, Evaluation
 from unlearning.methods import get_method
 from unlearning.methods.base import ForgetTarget, LabelledImages, UnlearningData, supports_joint
-from unlearning.models import save_model
-from unlearning.oracle import write_recipe
 from unlearning.precision import resolve_precision
 
 DEPTH_GATES = ("max_relearn_accuracy", "max_knn_recall", "max_mia_distance")
@@ -408,12 +406,9 @@ def register_update(settings: ErasureSettings, name: str, plan: UpdatePlan, unle
             "erasure.heldout_suite": plan.data[plan.request_ids[0]].eval_set.heldout.reference, "erasure.decision": "candidate",
             LINEAGE_RETAIN_DROP: f"{report.lineage_retain_drop:.6f}",
             "status": "candidate"}
-    with tempfile.TemporaryDirectory(prefix="candidate-") as folder:
-        save_model(unlearned.best.bundle, Path(folder))
-        if champion.recipe is not None:  # the lineage keeps the recipe its oracles are trained with
-            write_recipe(folder, champion.recipe)
-        version = registry.register_model_folder(Path(folder),
-                                                 settings.model_copy(update={"model_name": name}), tags=tags, run_id=run_id)
+    # the lineage keeps the recipe its oracles are trained with
+    version = registry.register_bundle(unlearned.best.bundle, settings.model_copy(update={"model_name": name}), tags, run_id,
+                                       champion.recipe)
     return str(version.version)
 
 

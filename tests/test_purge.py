@@ -136,7 +136,7 @@ def test_loading_the_champion_leaves_no_copy_of_its_weights_behind(mlflow_store,
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     champion = load_champion(mlflow_store)
     assert champion.version == ids["v2"] and champion.bundle.model is not None
-    assert not list(scratch.rglob(WEIGHTS_FILE))  # each load once left a 34 MB copy in /tmp: CI's disk filled
+    assert not list(scratch.rglob(WEIGHTS_FILE))  # no copy of a version outside the registry's purge
 
 
 def test_cli_purge_dry_run_lists_and_changes_nothing(mlflow_store, model_dirs, capsys, monkeypatch):  # noqa: F811

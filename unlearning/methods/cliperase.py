@@ -112,9 +112,9 @@ class CLIPEraseConfig(BudgetConfig):
     # (from the retain images), so that the forgotten images stop clustering as their own kind.
     forget_image_shift_weight: float = 0.0
     # Ours: a joint run of at least ``wide_joint_targets`` targets (a batch's group) takes the lr,
-    # forget batch and stop-check interval below. With the single-target ones, ten classes hit the
-    # 400-step cap with up to 28 % of one left, and checking their ten stop sets every step cost
-    # 105 of 278 s; these forgot all ten in 202 steps, 95 s (docs/benchmarks.md, batches). 0: never.
+    # forget batch and stop-check interval below: with the single-target ones, ten classes did not
+    # forget within the step cap, and their stop sets, checked every step, cost more than the
+    # steps (docs/methods.md). 0: never.
     wide_joint_targets: int = Field(3, ge=0)
     wide_joint_lr: float = 2e-4
     wide_joint_forget_batch_size: int = 64
