@@ -278,6 +278,38 @@ def _plan_of(request: ErasureRequest, target: ForgetTarget, unlearning: Unlearni
     return plan, {m: method_config(m, request, strict) for m in plan}, unlearning
 
 
+def with_returned_targets(group: Group, plan: UpdatePlan, champion: Champion, evaluation: Evaluation,
+                          settings: ErasureSettings) -> Group | None:
+    """``group`` joined by every target the champion carries that ``evaluation`` finds above the
+    forget threshold again, to be forgotten in one run with it; None when there is none, or when no
+    method of the group can forget them together.
+
+    Only class and subgroup targets of the group's kind whose images the reference data holds:
+    the requester's own forget images of an earlier erasure may be gone (deleted at its source)."""
+    threshold = plan.thresholds["max_forget_accuracy"]
+    kind = joint_key(group.targets[0])
+    request = plan.data[group.request_ids[0]]
+    train = [r for r in request.reference if r.split == "train"]
+    returned = [t for t in champion.targets
+                if t not in group.targets and t.kind in ("class", "subgroup") and joint_key(t) == kind
+                and evaluation.metrics.get(f"forget_accuracy/{t.name}", 0.0) > threshold and any(t.matches(r) for r in train)]
+    if not returned:
+        return None
+    targets = [*group.targets, *returned]
+    methods = [m for m in group.plan if supports_joint(m, targets)]
+    if not methods:
+        return None
+    own = [plan.data[rid] for rid in group.request_ids]
+    retain_rows = [row for d in own for row in (d.retain_records or [])]
+    data = build_joint_unlearning_data(targets, request.reference, champion.bundle.image_size,
+                                       [d.forget_records for d in own] + [None] * len(returned),
+                                       earlier=[t for t in plan.all_targets if t not in targets], retain_records=retain_rows or None,
+                                       seed=plan.requests[0].seeds[0], cache_dir=cache_folder(settings, "images"))
+    get_run_logger().info("forgetting again, with %s: %s (above %.0f %% on the champion or after the last attempt)",
+                          ", ".join(t.name for t in group.targets), ", ".join(t.name for t in returned), 100 * threshold)
+    return Group(group.request_ids, targets, methods, {m: group.configs[m] for m in methods}, data)
+
+
 # ── evaluate, unlearn, decide ────────────────────────────────────────────────────────────────────
 
 @task(name="evaluate-before", cache_policy=NO_CACHE)
@@ -306,7 +338,9 @@ def unlearn_update(plan: UpdatePlan, champion: Champion, before: Evaluation, set
     """Run each group's methods on the candidate.
 
     One group: its methods in plan order until the gates pass or the budget ends (``auto``
-    escalates), the champion the frozen reference. Several groups: each group's first method, one
+    escalates), the champion the frozen reference; a carried target above the forget threshold, on
+    the champion or after an attempt, is forgotten again with the group's (:func:`with_returned_targets`)
+    by the same method before the next one is tried. Several groups: each group's first method, one
     after the other, each from (and referenced to) the candidate the group before left, and the
     gates once at the end (a failing batch is split by the flow)."""
     device = champion.bundle.model.logit_scale.device
@@ -314,14 +348,29 @@ def unlearn_update(plan: UpdatePlan, champion: Champion, before: Evaluation, set
     mlflow.log_params({"device": str(device), "precision": precision.dtype, "precision.reason": precision.reason})
     deadline = time.monotonic() + budget_s
     if len(plan.groups) == 1:
-        group = plan.groups[0]
+        group = with_returned_targets(plan.groups[0], plan, champion, before, settings) or plan.groups[0]
         attempts = []
-        for method in group.plan:
+
+        def attempt_with(method: str, group: Group) -> Attempt:
             attempt = attempt_method(method, champion.bundle, group.targets[0], quote(group.data), quote(plan.eval_set), plan.all_targets, before,
                                      plan.thresholds, config=group.configs[method], members=plan.members, precision=precision)
             attempts.append(attempt)
+            return attempt
+
+        for method in plan.groups[0].plan:
+            if method not in group.plan:  # a method that cannot forget the returned targets with the new ones
+                group = plan.groups[0]
+            attempt = attempt_with(method, group)
             if attempt.passed or time.monotonic() > deadline:
                 break
+            # Forgetting one class can hand an earlier one's images back to their own name (they had
+            # gone to the class now forgotten): forget those again in the same run before escalating.
+            again = with_returned_targets(group, plan, champion, attempt.after, settings)
+            if again is not None and method in again.plan:
+                group = again
+                attempt = attempt_with(method, group)
+                if attempt.passed or time.monotonic() > deadline:
+                    break
         best = next((a for a in attempts if a.passed), None) or max(attempts, key=lambda a: harmonic_score(a.after.metrics))
         return Unlearned(attempts, best, best.method, sum(a.seconds for a in attempts), sum(a.evaluate_seconds for a in attempts))
     attempts, candidate = [], None

@@ -159,7 +159,9 @@ def attempt_method(method: str, champion: ClipBundle, target: ForgetTarget, data
     with mlflow.start_run(run_name=f"attempt-{method}", nested=True) as run:
         config_model = spec.config_cls.model_validate(config or {})
         mlflow.log_params({f"method.{k}": v for k, v in config_model.model_dump().items()})
-        mlflow.set_tags({"erasure.kind": "attempt", "erasure.method": method, "erasure.paper": spec.paper})
+        forgets = data.forget_targets or [target]
+        mlflow.set_tags({"erasure.kind": "attempt", "erasure.method": method, "erasure.paper": spec.paper,
+                         "erasure.forgets": ", ".join(t.name for t in forgets)})
         last_log = [0.0]
 
         def progress(row: dict) -> None:

@@ -169,4 +169,4 @@ def test_a_run_of_three_targets_or_more_takes_the_wide_joint_settings(trained_bu
 
     checked = [row["step"] for row in result.history if "forget_accuracy" in row]
     assert checked == list(range(0, 11, every))  # the stop set is checked every `every` steps (and at the last)
-    assert CLIPEraseConfig().for_targets(count).lr == (2e-4 if count >= 3 else 3e-5)
+    assert CLIPEraseConfig().for_targets(count).lr == (3e-4 if count >= 3 else 3e-5)

@@ -37,7 +37,7 @@ the batch or over class prompts; we use the batch, which with class-prompt pairs
 - Several targets in one run (joint data, :func:`unlearning.erasure_data.build_joint_unlearning_data`):
   their forget images share the forget batch, each with its own class prompt; anchors and random
   words leave out every forgotten class; the stop rule waits for the worst target.
-- Three targets or more in one run (``wide_joint_*``): lr 2e-4, 64 forget pairs, the stop rule
+- Three targets or more in one run (``wide_joint_*``): lr 3e-4, 64 forget pairs, the stop rule
   checked every 5 steps: the single-target budget did not forget ten classes in 400 steps.
 - ``logit_scale`` stays fixed, and the model stays in ``eval()`` (BatchNorm; see base.py).
 """
@@ -116,7 +116,7 @@ class CLIPEraseConfig(BudgetConfig):
     # forget within the step cap, and their stop sets, checked every step, cost more than the
     # steps (docs/methods.md). 0: never.
     wide_joint_targets: int = Field(3, ge=0)
-    wide_joint_lr: float = 2e-4
+    wide_joint_lr: float = 3e-4
     wide_joint_forget_batch_size: int = 64
     wide_joint_eval_every: int = Field(5, ge=1)
 
