@@ -2,6 +2,7 @@
 
     load champion ─► validate each request ─► plan the update ─► evaluate before ─► unlearn ─►
     depth of forgetting ─► gates ─► register ─► promote (inside a transaction) or reject ─► publish
+    ─► (promoted) the request's own forget images leave the image cache, its sources are deleted
 
 The request data and the plan go to tasks ``quote``d: they hold every reference record, and
 Prefect would otherwise walk each of them looking for futures (~2 min per update on 16k rows).
@@ -31,8 +32,8 @@ from tasks.outcome import RequestOutcome, Timings, UpdateReport
 from tasks.register import record_reference_choice, reference_for_champion
 from tasks.request import ErasureRequest
 from tasks.settings import ErasureSettings
-from tasks.stages import (decide_gates, delete_sources, evaluate_before, fail_request, mark_rejected, plan_update, promote_update, publish,
-                          register_update, unlearn_update, validate_request)
+from tasks.stages import (decide_gates, delete_sources, evaluate_before, fail_request, forget_cached_images, mark_rejected, plan_update,
+                          promote_update, publish, register_update, unlearn_update, validate_request)
 
 
 @flow(name="erasure-update", log_prints=True)
@@ -112,6 +113,7 @@ def _update(requests: list[ErasureRequest], runs: dict[str, str], settings: Eras
                     promote_update(settings, name, report)
                     # Anything failing from here on (certificates, ledger) puts the aliases back.
                     outcomes += publish(settings, name, report, valid, runs, "promoted")
+                forget_cached_images(settings, quote(plan), runs)
                 delete_sources(settings, valid, runs)
                 return report.model_copy(update={"decision": "promoted"}), outcomes
             if single:

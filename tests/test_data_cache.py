@@ -82,6 +82,27 @@ def test_image_cache_hits_any_subset_of_decoded_bytes_and_misses_changed_ones(sm
     assert torch.equal(pixels[records.index(large)], pixels[records.index(small)])
 
 
+def test_forgotten_images_leave_every_shard_and_the_others_stay_cached(small_records, tmp_path):
+    records = small_records["test"][:24]
+    cache = ImageCache(tmp_path / "cache", shard_bytes=8 * 3 * 32 * 32)  # 8 images a shard: the forgotten ones span two
+    expected = cache.load(records, 32)
+    cache.load(records[:6], 16)
+    erased = [records[5], records[6], records[0]]
+    digests = {hashlib.blake2b(Path(r.image_path).read_bytes(), digest_size=16).digest() for r in erased}
+    assert ImageCache(tmp_path / "cache").forget(digests) == 5  # 3 at 32 px, 2 at 16 px
+
+    stored = b"".join(p.read_bytes() for p in shards_in(tmp_path / "cache"))
+    assert not any(d in stored for d in digests), "no shard lists a forgotten image"
+    pixels = {r.image_path: expected[i] for i, r in enumerate(records)}
+    own = [r for r in erased if sum(torch.equal(pixels[r.image_path], other) for other in expected) == 1]  # no kept twin
+    assert own and not any(pixels[r.image_path].numpy().tobytes() in stored for r in own), "nor holds its pixels"
+    kept = [r for r in records if r not in erased]
+    after = ImageCache(tmp_path / "cache")
+    assert torch.equal(after.load(kept, 32), torch.stack([pixels[r.image_path] for r in kept])) and after.outcome == "hit"
+    again = ImageCache(tmp_path / "cache")
+    assert torch.equal(again.load(erased, 32), load_images(erased, 32)) and again.misses == 3, "decoded again only if asked for"
+
+
 def test_a_corrupt_or_truncated_shard_is_recomputed(small_records, tmp_path):
     records = small_records["val"][:16]
     expected = ImageCache(tmp_path / "cache").load(records, 32)
@@ -257,3 +278,23 @@ def test_a_repeat_prepare_is_a_cache_hit_with_identical_data(settings, small_wor
     changed, _ = prepare()
     assert changed.summary["cache"] == {"images": "partial", "validation": "miss", "reference_manifest": "hit"}
     assert torch.equal(changed.unlearning.forget.images, load_images(circles[:5], 32))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_promoted_erasure_leaves_no_decoded_copy_of_the_requesters_images(store, small_records, tmp_path):
+    from flows.erasure import erasure_flow
+    from mlflow import MlflowClient
+    from tests.test_lifecycle import QUICK, request
+
+    # The person's photos: copies of train circles (their own files, as a data subject sends them).
+    own = copied_images([r for r in small_records["train"] if r.label == "circle"][:6], tmp_path / "person")
+    forget = write_manifest(own, tmp_path / "person" / "forget.jsonl")
+    digests = {hashlib.blake2b(Path(r.image_path).read_bytes(), digest_size=16).digest() for r in own}
+    cached = cache_folder(store, "images")
+
+    outcome = erasure_flow(request("req-own-photos", "circle", forget_manifest=str(forget), **QUICK))
+    assert outcome.status == "promoted", outcome
+    stored = b"".join(p.read_bytes() for p in cached.glob("*.safetensors"))
+    assert stored and not any(d in stored for d in digests), "a cached shard still lists one of the person's images"
+    record = json.load(open(MlflowClient().download_artifacts(outcome.mlflow_run_id, "certificate/image-cache-forgotten.json")))
+    assert record["forget_images"] == 6 and record["decoded_copies_removed"] >= 6

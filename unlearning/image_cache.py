@@ -31,11 +31,12 @@ import gc
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import pydantic_core
 import torch
@@ -264,6 +265,32 @@ class ImageCache:
             self._digests.pop(shard, None)
             self._memo.pop(shard, None)
         return merged, merged_from
+
+    def forget(self, digests: Iterable[bytes]) -> int:
+        """Remove the images of these file digests from every shard, at every image size: a decoded
+        copy of erased data must not outlive the erasure. A shard holding one is rewritten without
+        it (the other images stay cached). Returns how many cached images were removed."""
+        gone = set(digests)
+        if not gone or not self.folder.is_dir():
+            return 0
+        removed = 0
+        for shard in sorted(self.folder.glob(f"images-*{_SUFFIX}")):
+            size = re.match(r"images-(\d+)px-", shard.name)
+            index = self._index(shard, int(size.group(1))) if size else None  # another loader's shard: deleted
+            if index is None:
+                shard.unlink(missing_ok=True)
+                continue
+            if gone.isdisjoint(index):
+                continue
+            pixels = self._pixels(shard, int(size.group(1)))
+            kept = [(row, digest) for digest, row in index.items() if digest not in gone]
+            removed += len(index) - len(kept)
+            if kept and pixels is not None:
+                self._write_shards([d for _, d in kept], pixels[[row for row, _ in kept]], int(size.group(1)))
+            shard.unlink(missing_ok=True)
+            self._digests.pop(shard, None)
+            self._memo.pop(shard, None)
+        return removed
 
     def prune(self, keep: Sequence[Path] = ()) -> None:
         """Delete the least recently used files beyond ``max_files`` or ``max_bytes``, and stale temporary files."""
