@@ -572,7 +572,6 @@ def fail_request(client: MlflowClient, run_id: str, request_id: str, exc: BaseEx
     return RequestOutcome(request_id=request_id, status="failed", reason=reason, mlflow_run_id=run_id)
 
 
-@task(name="delete-source-versions", cache_policy=NO_CACHE)
 @task(name="forget-cached-images", cache_policy=NO_CACHE)
 def forget_cached_images(settings: ErasureSettings, plan: UpdatePlan, runs: dict[str, str]) -> None:
     """After a promotion: the decoded copies of each request's own forget images leave the image
@@ -592,6 +591,7 @@ def forget_cached_images(settings: ErasureSettings, plan: UpdatePlan, runs: dict
                         "certificate/image-cache-forgotten.json")
 
 
+@task(name="delete-source-versions", cache_policy=NO_CACHE)
 def delete_sources(settings: ErasureSettings, requests: list[ErasureRequest], runs: dict[str, str]) -> None:
     """After a promotion: delete for good the data-lake object versions a deletion request was made
     from (the bridge read them as forget data), and record what went on each request's certificate."""
