@@ -24,7 +24,11 @@ def test_a_carried_target_above_the_threshold_is_forgotten_again_with_the_new_on
     before = client.get_run(carrier.run_id).data.metrics
     assert before["after.forget_accuracy/circle"] > GATES["max_forget_accuracy"]
 
-    outcome = erasure_flow(request("req-then-square", "square"))
+    # What runs, not how well it keeps the rest (the benchmarks' business): GradDiff forgets both
+    # targets in one run within seconds on the test model (CLIPErase: ~50 s), only the forget gate counts.
+    only_forgetting = {**GATES, "max_retain_drop": 1.0, "max_heldout_drop": 1.0}
+    outcome = erasure_flow(request("req-then-square", "square", method="graddiff", method_config={"max_steps": 60, "lr": 1e-4},
+                                   gates=only_forgetting))
     assert outcome.status == "promoted", outcome
     champion = registry.get_version_by_alias(settings.model_name, registry.CHAMPION)
     assert str(champion.version) == outcome.model_version
