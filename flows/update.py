@@ -27,6 +27,7 @@ from prefect.utilities.annotations import quote
 
 from tasks import ledger, shutdown
 from tasks.champion import load_champion
+from tasks.data import shared_eval_sets
 from tasks.depth import measure_depth
 from tasks.outcome import RequestOutcome, Timings, UpdateReport
 from tasks.register import record_reference_choice, reference_for_champion
@@ -46,7 +47,8 @@ def update_flow(requests: list[ErasureRequest], runs: dict[str, str], settings: 
     # What this update fetches from S3 (forget images among it) is gone when it ends, whatever the end.
     if settings.fetch_dir is not None:
         settings.fetch_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="erasure-fetched-", dir=settings.fetch_dir) as fetched:
+    # Its requests mostly evaluate on the same test split: built once per update (shared_eval_sets).
+    with tempfile.TemporaryDirectory(prefix="erasure-fetched-", dir=settings.fetch_dir) as fetched, shared_eval_sets():
         return _update(requests, runs, settings.model_copy(update={"fetch_dir": Path(fetched)}), name, raise_invalid)
 
 

@@ -26,6 +26,7 @@ import os
 import platform
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from unlearning.world import COLOURS, EXTRA_SHAPES, SHAPES, WorldSpec
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=10, help="requests erased one batch run each (0: skip)")
     parser.add_argument("--sequential-kind", default="subgroup")
     parser.add_argument("--method", default="auto")
+    parser.add_argument("--keep-store", type=Path, help="keep the sequential scenario's store here (a new folder), to rerun a step from it")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.world:
@@ -133,8 +135,10 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2))
         print(spec, json.dumps(results[f"batch-{kind}-{n}"]["updates"][-1:], default=str)[:600], flush=True)
     if args.sequential:
-        with tempfile.TemporaryDirectory(prefix="batch-bench-seq-") as home:
-            fresh_store(args.model, args.manifest, Path(home))
+        if args.keep_store and args.keep_store.exists():
+            raise SystemExit(f"--keep-store {args.keep_store}: exists — name a new folder")
+        with (nullcontext(str(args.keep_store)) if args.keep_store else tempfile.TemporaryDirectory(prefix="batch-bench-seq-")) as home:
+            fresh_store(args.model, args.manifest, Path(home).resolve())
             rows = []
             for i, body in enumerate(requests(args.sequential_kind, args.sequential, "seq", args.method, shapes)):
                 started = time.perf_counter()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import mlflow
 from prefect import get_run_logger, task
@@ -72,7 +74,51 @@ def eval_set_of(records: list[Record], image_size: int, heldout_suite: str | Hel
         seen_captions: the reference data's captions; no held-out template may match one.
         cache_dir: where decoded images are cached; None: no cache.
     """
-    return build_eval_set(records, image_size, heldout_suite or "auto", seen_captions, cache_dir=cache_dir)
+    suite = heldout_suite or "auto"
+    if _SHARED is None or not isinstance(suite, str):
+        return build_eval_set(records, image_size, suite, seen_captions, cache_dir=cache_dir)
+    seen = frozenset(seen_captions)
+    key = (_records_digest(records), image_size, suite, _mtime_of(suite), hash(seen))
+    if key not in _SHARED:
+        _SHARED[key] = build_eval_set(records, image_size, suite, seen, cache_dir=cache_dir)
+    return _SHARED[key]
+
+
+_SHARED: dict[tuple, EvalSet] | None = None
+
+
+@contextmanager
+def shared_eval_sets() -> Iterator[None]:
+    """Inside: evaluation sets of the same rows, image files and suite are built once (EvalSet is
+    never changed). One update's requests mostly evaluate on the same test split; outside, every
+    call builds anew, so a later update sees any change the image cache would."""
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def _records_digest(records: list[Record]) -> str:
+    """The rows and the state of their image files (a changed image makes another key)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for r in records:
+        try:
+            stat = os.stat(r.image_path)
+            state = f"{stat.st_mtime_ns}:{stat.st_size}"
+        except OSError:
+            state = "missing"
+        digest.update(f"{r.image_path}\0{state}\0{r.caption}\0{r.label}\0{r.split}\0{sorted(r.attributes.items())}\n".encode())
+    return digest.hexdigest()
+
+
+def _mtime_of(suite: str) -> float | None:
+    try:
+        return Path(suite).stat().st_mtime
+    except (OSError, ValueError):
+        return None
 
 
 @task(name="validate-and-prepare-data", retries=1, retry_delay_seconds=2, retry_condition_fn=only_transient, cache_policy=NO_CACHE)

@@ -186,6 +186,30 @@ def test_a_sample_keeps_its_rows_when_its_pool_shrinks(small_records):
     assert [r.image_path.rsplit("/", 2)[-2:] for r in _spread(moved, 500, seed=3)] == tails, "the same data elsewhere: the same sample"
 
 
+def test_a_rank_computed_once_gives_the_sample_a_fresh_hash_would():
+    import hashlib
+
+    rows = [Record(f"/data/{i % 7}/img{i}.png", "circle", f"a photo of circle {i}", "train") for i in range(300)]
+    sample = _spread(rows, 40, seed=11)
+    by_hash = sorted(rows, key=lambda r: hashlib.blake2b(f"11\0{'/'.join(r.image_path.rsplit('/', 2)[-2:])}\0{r.caption}".encode(),
+                                                         digest_size=8).digest())[:40]
+    assert sample == by_hash and _spread(list(reversed(rows)), 40, seed=11) == by_hash  # the order of the pool does not matter
+
+
+def test_one_update_builds_an_evaluation_set_once_and_sees_a_changed_image(small_records, tmp_path):
+    from tasks.data import eval_set_of, shared_eval_sets
+
+    rows = copied_images(small_records["test"][:24], tmp_path)
+    assert eval_set_of(rows, 32) is not eval_set_of(rows, 32), "outside one update every call builds anew"
+    with shared_eval_sets():
+        first = eval_set_of(rows, 32)
+        assert eval_set_of(list(rows), 32) is first
+        assert eval_set_of(rows[:12], 32) is not first and eval_set_of(rows, 32, "paraphrase") is not first
+        Path(rows[0].image_path).write_bytes(Path(rows[1].image_path).read_bytes())
+        changed = eval_set_of(rows, 32)
+        assert changed is not first and torch.equal(changed.images[0], changed.images[1])
+
+
 def test_a_cached_validation_failure_fails_the_same_way_and_a_change_revalidates(small_records, tmp_path):
     circles = copied_images([r for r in small_records["val"] if r.label == "circle"][:5], tmp_path / "forget")
     manifest = tmp_path / "forget" / "manifest.jsonl"

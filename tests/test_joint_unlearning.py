@@ -139,17 +139,31 @@ def test_each_forget_image_carries_its_own_class_prompt_and_siblings_of_every_su
     assert {n.split()[-1] for n in names} == {"circle", "square"} and not names & {"red circle", "blue square"}
 
 
+def test_class_weights_draw_the_forget_batch_from_the_targets_still_known(reference):
+    targets = [ForgetTarget(kind="class", class_name=c) for c in sorted({r.label for r in reference})[:3]]
+    data = build_joint_unlearning_data(targets, reference, 32, max_retain=64)
+    first, second, third = data.forget_indices
+    generator = torch.Generator().manual_seed(0)
+    _, _, labels = forget_batch(targets[0], data, 400, generator, with_labels=True, class_weights={first: 0.0, second: 1.0, third: 3.0})
+    counts = {i: int((labels == i).sum()) for i in data.forget_indices}
+    assert counts[first] == 0 and 0.15 < counts[second] / 400 < 0.35 and 0.65 < counts[third] / 400 < 0.85
+    _, _, uniform = forget_batch(targets[0], data, 400, generator, with_labels=True)
+    assert all(int((uniform == i).sum()) > 80 for i in data.forget_indices)
+
+
 def test_joint_stop_rule_waits_for_the_worst_target(trained_bundle, reference):
     model, tokenizer = trained_bundle.model, trained_bundle.tokenizer
     targets = [ForgetTarget(kind="class", class_name=c) for c in sorted({r.label for r in reference})]  # every class: a spread of scores
     data = build_joint_unlearning_data(targets, reference, 32)
 
-    score, _ = forget_check(model, tokenizer, targets[0], data, BudgetConfig())
+    per_class = {}
+    score, _ = forget_check(model, tokenizer, targets[0], data, BudgetConfig(), per_class)
 
     per_target = [accuracy(model, tokenizer, data.forget_val.subset(torch.where(data.forget_val.labels == i)[0]), data.classnames,
                            data.templates) for i in data.forget_indices]
     assert max(per_target) > sum(per_target) / len(per_target)  # else the worst could not be told from the pooled score
     assert score() == pytest.approx(max(per_target))
+    assert [per_class[i] for i in data.forget_indices] == pytest.approx(per_target)  # what a focused forget batch follows
 
 
 # One joint CLIPErase run forgetting circle and square while the others keep the gates is tested end to end
@@ -157,8 +171,17 @@ def test_joint_stop_rule_waits_for_the_worst_target(trained_bundle, reference):
 
 
 @pytest.mark.parametrize("count, every", [(2, 1), (3, 5)])
-def test_a_run_of_three_targets_or_more_takes_the_wide_joint_settings(trained_bundle, reference, count, every):
+def test_a_run_of_three_targets_or_more_takes_the_wide_joint_settings(trained_bundle, reference, count, every, monkeypatch):
+    from unlearning.methods import cliperase as module
     from unlearning.methods.cliperase import CLIPEraseConfig
+
+    weights_seen = []
+
+    def recording_forget_batch(*args, class_weights=None, **kwargs):
+        weights_seen.append(dict(class_weights) if class_weights else None)
+        return forget_batch(*args, class_weights=class_weights, **kwargs)
+
+    monkeypatch.setattr(module, "forget_batch", recording_forget_batch)
 
     shapes = sorted({r.label for r in reference})[:count]
     data = build_joint_unlearning_data([ForgetTarget(kind="class", class_name=c) for c in shapes], reference, 32,
@@ -170,3 +193,11 @@ def test_a_run_of_three_targets_or_more_takes_the_wide_joint_settings(trained_bu
     checked = [row["step"] for row in result.history if "forget_accuracy" in row]
     assert checked == list(range(0, 11, every))  # the stop set is checked every `every` steps (and at the last)
     assert CLIPEraseConfig().for_targets(count).lr == (3e-4 if count >= 3 else 3e-5)
+    if count < 3:
+        assert weights_seen == [None] * 10  # a uniform forget batch
+    else:  # each target's share: its stop-set accuracy at the last check + the floor
+        per_class = {}
+        score, _ = forget_check(trained_bundle.model, trained_bundle.tokenizer, data.forget_targets[0], data, BudgetConfig(), per_class)
+        score()  # the run's first check, on the same weights
+        assert weights_seen[0] == pytest.approx({i: per_class[i] + CLIPEraseConfig().wide_joint_focus_floor for i in data.forget_indices})
+        assert len(weights_seen) == 10 and all(w is not None for w in weights_seen)

@@ -126,10 +126,25 @@ def _spread(records: Sequence[Record], limit: int, seed: int) -> list[Record]:
     """
     if len(records) <= limit:
         return list(records)
-    prefix = f"{seed}\0".encode()
-    ranks = [hashlib.blake2b(prefix + ("/".join(r.image_path.rsplit("/", 2)[-2:]) + "\0" + r.caption).encode(), digest_size=8).digest()
-             for r in records]
-    return [records[i] for i in sorted(range(len(records)), key=ranks.__getitem__)[:limit]]
+    ranks = _spread_ranks(seed)
+    if len(ranks) > 2_000_000:  # a long-lived service meeting many manifests: start over
+        ranks.clear()
+    for r in records:
+        if (r.image_path, r.caption) not in ranks:  # a batch samples the same 60k-row pools many times: hash each row once
+            ranks[(r.image_path, r.caption)] = _spread_rank(seed, r)
+    order = [ranks[(r.image_path, r.caption)] for r in records]
+    return [records[i] for i in sorted(range(len(records)), key=order.__getitem__)[:limit]]
+
+
+def _spread_rank(seed: int, record: Record) -> bytes:
+    key = "/".join(record.image_path.rsplit("/", 2)[-2:]) + "\0" + record.caption
+    return hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+
+
+@functools.lru_cache(maxsize=4)
+def _spread_ranks(seed: int) -> dict[tuple[str, str], bytes]:
+    """The rank of each (image path, caption) seen so far under ``seed`` (a pure function of both)."""
+    return {}
 
 
 def build_unlearning_data(target: ForgetTarget, reference: Sequence[Record], image_size: int,

@@ -77,11 +77,19 @@ def forget_labels(data: UnlearningData, batch: LabelledImages) -> torch.Tensor:
 
 
 def forget_batch(target: ForgetTarget, data: UnlearningData, size: int, generator: torch.Generator,
-                 with_labels: bool = False) -> tuple[torch.Tensor, list[str]] | tuple[torch.Tensor, list[str], torch.Tensor]:
+                 with_labels: bool = False, class_weights: dict[int, float] | None = None,
+                 ) -> tuple[torch.Tensor, list[str]] | tuple[torch.Tensor, list[str], torch.Tensor]:
     """A batch of forget images with the text each is paired with: its (own, for joint data) class
     prompt for class-like targets (so the evaluation prompts never enter a loss), its own caption
-    for associations; ``with_labels`` also returns the class index of each (see :func:`forget_labels`)."""
-    batch = sample_batch(data.forget, size, generator)
+    for associations; ``with_labels`` also returns the class index of each (see :func:`forget_labels`).
+
+    ``class_weights``: joint data only, a weight per forgotten class index; each image is drawn
+    with its class's weight (with replacement) instead of uniformly."""
+    if class_weights:
+        weights = torch.tensor([class_weights.get(int(label), 0.0) for label in data.forget.labels.tolist()], dtype=torch.float)
+        batch = data.forget.subset(torch.multinomial(weights, size, replacement=True, generator=generator))
+    else:
+        batch = sample_batch(data.forget, size, generator)
     if target.kind == "association":
         return (batch.images, batch.texts, batch.labels) if with_labels else (batch.images, batch.texts)
     as_target = LabelledImages(batch.images, batch.texts, forget_labels(data, batch))
@@ -123,9 +131,11 @@ def association_recall(model: torch.nn.Module, tokenizer, forget: LabelledImages
 
 
 def forget_check(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: UnlearningData,
-                 config: BudgetConfig) -> tuple[Callable[[], float] | None, float]:
+                 config: BudgetConfig, per_class: dict[int, float] | None = None) -> tuple[Callable[[], float] | None, float]:
     """The stop rule: a function giving the current forget score (None without any forget images,
-    e.g. fine-tuning with retain data only), and the threshold to reach."""
+    e.g. fine-tuning with retain data only), and the threshold to reach.
+
+    ``per_class``: for joint class-like data, filled with each forgotten class's accuracy at every check."""
     stop_set = data.forget_val or data.forget
     if not stop_set:
         return None, config.stop_forget_accuracy
@@ -136,7 +146,7 @@ def forget_check(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: 
 
     if len(data.forget_indices) > 1:
         def score() -> float:
-            return worst_class_accuracy(model, tokenizer, stop_set, data.forget_indices, data.classnames, data.templates)
+            return worst_class_accuracy(model, tokenizer, stop_set, data.forget_indices, data.classnames, data.templates, per_class)
         return score, config.stop_forget_accuracy
 
     def score() -> float:
@@ -146,14 +156,16 @@ def forget_check(model: torch.nn.Module, tokenizer, target: ForgetTarget, data: 
 
 @torch.no_grad()
 def worst_class_accuracy(model: torch.nn.Module, tokenizer, data: LabelledImages, indices: list[int], classnames: list[str],
-                         templates: list[str]) -> float:
+                         templates: list[str], per_class: dict[int, float] | None = None) -> float:
     """The highest zero-shot accuracy, over the classes ``indices``, of ``data``'s images of that
-    class (classes without an image are skipped; NaN when none has one)."""
+    class (classes without an image are skipped; NaN when none has one); ``per_class`` gets each one."""
     classifier = zero_shot_classifier(model, tokenizer, classnames, templates)
     feats = encode_images(model, data.images)
     predictions = (feats @ classifier.to(feats.device)).argmax(dim=-1).cpu()
-    scores = [float((predictions[data.labels == i] == i).float().mean()) for i in indices if bool((data.labels == i).any())]
-    return max(scores) if scores else float("nan")
+    scores = {i: float((predictions[data.labels == i] == i).float().mean()) for i in indices if bool((data.labels == i).any())}
+    if per_class is not None:
+        per_class.update(scores)
+    return max(scores.values()) if scores else float("nan")
 
 
 def optimise(params: list[torch.nn.Parameter], loss_fn: LossFn, config: MethodConfig, score: Callable[[], float] | None = None,
