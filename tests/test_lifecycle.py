@@ -153,7 +153,9 @@ def test_a_batch_promotes_the_valid_requests_in_one_version_and_isolates_the_res
     settings = file_locks
     # Gradient ascent forgets in a few steps, and only the forget gate decides here: the test is
     # about the batch's bookkeeping; the methods' balance of forget and retain is tested elsewhere.
-    ascent = {"method": "gradient_ascent", "method_config": {"max_steps": 40, "lr": 1e-4},
+    # Ascent stops once circle and square are at 10 % on their stop images: driven to 0 % it took every
+    # class down with them on the fp32-trained test model (retain 77 -> 37 %), b-star's too.
+    ascent = {"method": "gradient_ascent", "method_config": {"max_steps": 40, "lr": 1e-4, "stop_forget_accuracy": 0.1},
               "gates": {"max_forget_accuracy": 0.25, "max_retain_drop": 1.0, "max_heldout_drop": 1.0}}
     report = batch_flow(submit=[request("b-circle", **ascent), request("b-square", "square", **ascent), request("b-dragon", "dragon"),
                                 request("b-star", "star", **{**ascent, "method_config": {"max_steps": 1, "lr": 1e-6}})])

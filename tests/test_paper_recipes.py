@@ -126,7 +126,8 @@ def test_cliperase_paper_runs_the_three_paper_terms_only_and_lowers_the_target_s
     before = _target_similarity(model, tokenizer, data)
 
     # At the paper's lr 1e-6 five steps move this model too little to measure a drop.
-    result = run_method("cliperase:paper", model, tokenizer, target, data, {"max_steps": 5, "lr": 1e-4}, original=original)
+    result = run_method("cliperase:paper", model, tokenizer, target, data, {"max_steps": 5, "lr": 1e-4, "stop_forget_accuracy": -1.0},
+                        original=original)  # never stops early: on some test models 3 steps already met the stop rule
 
     terms = set().union(*(row.keys() for row in result.history if "loss" in row))
     assert terms == {"step", "loss", "retention", "forgetting", "consistency", "stage", "seconds", "forget_accuracy"}
