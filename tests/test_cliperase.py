@@ -194,7 +194,8 @@ def test_cliperase_forgets_a_class_and_keeps_the_others(trained_bundle, small_re
     before = evaluate(model, tokenizer, eval_set, [target]).metrics
     data = build_unlearning_data(target, small_records["train"] + small_records["val"], 32, max_retain=1024)
 
-    result = run_method("cliperase", model, tokenizer, target, data, FAST, original=copy.deepcopy(model).requires_grad_(False))
+    # lr 2e-4: on an fp32-trained test model (2-core AVX2 EPYC) lr 1e-4 took ~190 steps, 183 s; 2e-4 81 steps, 78 s.
+    result = run_method("cliperase", model, tokenizer, target, data, {**FAST, "lr": 2e-4}, original=copy.deepcopy(model).requires_grad_(False))
 
     after = evaluate(model, tokenizer, eval_set, [target]).metrics
     assert before["forget_accuracy"] >= 0.5
