@@ -77,6 +77,7 @@ def prefect_server(settings: ErasureSettings, port: int, startup_timeout_s: floa
         os.environ["PREFECT_API_URL"] = url  # flow runs and our event posts find it
         yield url
     finally:
+        _drain_prefect_workers()
         os.environ.pop("PREFECT_API_URL", None)
         if process.poll() is None:
             process.terminate()
@@ -85,6 +86,19 @@ def prefect_server(settings: ErasureSettings, port: int, startup_timeout_s: floa
             except subprocess.TimeoutExpired:
                 process.kill()
         log.close()
+
+
+def _drain_prefect_workers() -> None:
+    """Send the logs and events queued for the local server while it still runs: left to the exit
+    handlers, they retried the stopped server and held the exit past 90 s (seen in the serve test)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=10)
+        except Exception as exc:  # a stop must not fail on its logs
+            say(f"could not send the last {worker.__name__} items: {exc}")
 
 
 def _detached_but_tied() -> None:
