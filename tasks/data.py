@@ -78,7 +78,7 @@ def eval_set_of(records: list[Record], image_size: int, heldout_suite: str | Hel
     if _SHARED is None or not isinstance(suite, str):
         return build_eval_set(records, image_size, suite, seen_captions, cache_dir=cache_dir)
     seen = frozenset(seen_captions)
-    key = (_records_digest(records), image_size, suite, _mtime_of(suite), hash(seen))
+    key = (_records_digest(records), image_size, suite, _mtime_of(suite), seen)
     if key not in _SHARED:
         _SHARED[key] = build_eval_set(records, image_size, suite, seen, cache_dir=cache_dir)
     return _SHARED[key]

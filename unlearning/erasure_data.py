@@ -129,10 +129,12 @@ def _spread(records: Sequence[Record], limit: int, seed: int) -> list[Record]:
     ranks = _spread_ranks(seed)
     if len(ranks) > 2_000_000:  # a long-lived service meeting many manifests: start over
         ranks.clear()
-    for r in records:
-        if (r.image_path, r.caption) not in ranks:  # a batch samples the same 60k-row pools many times: hash each row once
-            ranks[(r.image_path, r.caption)] = _spread_rank(seed, r)
-    order = [ranks[(r.image_path, r.caption)] for r in records]
+    order = []
+    for r in records:  # a batch samples the same 60k-row pools many times: each row is hashed once
+        rank = ranks.get(key := (r.image_path, r.caption))
+        if rank is None:
+            rank = ranks[key] = _spread_rank(seed, r)
+        order.append(rank)
     return [records[i] for i in sorted(range(len(records)), key=order.__getitem__)[:limit]]
 
 

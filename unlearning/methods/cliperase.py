@@ -126,9 +126,13 @@ class CLIPEraseConfig(BudgetConfig):
     # and those already forgotten keep some; 0: a uniform share.
     wide_joint_focus_floor: float = Field(0.05, ge=0.0)
 
+    def is_wide(self, count: int) -> bool:
+        """Whether a run that forgets ``count`` targets at once takes the ``wide_joint_*`` settings."""
+        return bool(self.wide_joint_targets) and count >= self.wide_joint_targets
+
     def for_targets(self, count: int) -> "CLIPEraseConfig":
         """This config for a run that forgets ``count`` targets at once."""
-        if not self.wide_joint_targets or count < self.wide_joint_targets:
+        if not self.is_wide(count):
             return self
         return self.model_copy(update={"lr": self.wide_joint_lr, "forget_batch_size": self.wide_joint_forget_batch_size,
                                        "eval_every": self.wide_joint_eval_every})
@@ -355,8 +359,8 @@ def cliperase(model, tokenizer, target, data, config: CLIPEraseConfig, original=
 
     # The forgotten classes' stop-set accuracies at the last check (filled by the stop rule).
     per_class: dict[int, float] = {}
-    focus = (config.wide_joint_focus_floor if len(data.forget_targets) >= max(config.wide_joint_targets, 2) and target.kind != "association"
-             and config.wide_joint_targets else 0.0)
+    joint = len(data.forget_targets)
+    focus = config.wide_joint_focus_floor if config.is_wide(joint) and joint > 1 and target.kind != "association" else 0.0
 
     def loss_fn():
         weights_now = {i: focus + per_class.get(i, 1.0) for i in data.forget_indices} if focus else None

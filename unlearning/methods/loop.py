@@ -86,7 +86,11 @@ def forget_batch(target: ForgetTarget, data: UnlearningData, size: int, generato
     ``class_weights``: joint data only, a weight per forgotten class index; each image is drawn
     with its class's weight (with replacement) instead of uniformly."""
     if class_weights:
-        weights = torch.tensor([class_weights.get(int(label), 0.0) for label in data.forget.labels.tolist()], dtype=torch.float)
+        by_class = torch.zeros(int(data.forget.labels.max()) + 1)
+        for index, weight in class_weights.items():
+            if 0 <= index < len(by_class):
+                by_class[index] = weight
+        weights = by_class[data.forget.labels.clamp(min=0)] * (data.forget.labels >= 0)
         batch = data.forget.subset(torch.multinomial(weights, size, replacement=True, generator=generator))
     else:
         batch = sample_batch(data.forget, size, generator)
